@@ -1,0 +1,97 @@
+"""Seeded training batches from a memmapped token file, with a position that checkpoints can save and restore.
+
+Ideas it rests on:
+- Two ways to cut rows: random windows anywhere in the stream (plain text), or rows that start at a document's
+  <|bos|> with the prompt tokens masked out of the loss (task corpora: the model learns answers, not questions).
+- One random stream for the whole job: with W processes each micro-step draws W micro-batches and rank r keeps the
+  r-th, so 2 processes see exactly the batches that 1 process with twice the accumulation sees.
+- The loader's state is the generator's state plus a draw counter: resume continues the same sequence of batches.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A dataset that is missing or too small; the message says what to do."""
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no dataset at {data_dir} (meta.json missing): run `python data/prepare.py` for it first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_tokens(data_dir, split, meta):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: re-run `python data/prepare.py` for {data_dir}")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    if os.path.getsize(path) % dtype.itemsize:
+        raise DataError(f"{path} is truncated (size is not a multiple of {dtype}): re-run data/prepare.py")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def prompt_mask(tokens, bos_id, prompt_end_id):
+    """True where a token belongs to a prompt: from each <|bos|> up to and including the first prompt_end_id."""
+    tokens = np.asarray(tokens)
+    bos = np.flatnonzero(tokens == bos_id)
+    ends = np.flatnonzero(tokens == prompt_end_id)
+    delta = np.zeros(len(tokens) + 1, dtype=np.int32)
+    if len(bos):
+        k = np.searchsorted(ends, bos)  # first prompt end at or after each bos
+        stop = np.where(k < len(ends), ends[np.minimum(k, len(ends) - 1)] + 1, len(tokens))
+        np.add.at(delta, bos, 1)
+        np.add.at(delta, stop, -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+class Batches:
+    """(x, y) batches of shape (batch_size, block_size); y is x shifted by one with masked targets set to -1."""
+
+    def __init__(self, tokens, block_size, batch_size, seed, doc_aligned=False, bos_id=None, prompt_end_id=None,
+                 rank=0, world_size=1, name="data"):
+        self.tokens, self.T, self.B = tokens, block_size, batch_size
+        self.rank, self.world = rank, world_size
+        n = len(tokens)
+        if n < block_size + 1:
+            raise DataError(f"{name} holds {n} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                            f"lower --block_size or prepare more data")
+        if doc_aligned:
+            starts = np.flatnonzero(np.asarray(tokens) == bos_id)
+            self.starts = starts[starts + block_size + 1 <= n]
+            if len(self.starts) == 0:
+                raise DataError(f"{name}: no document start leaves room for block_size {block_size}: "
+                                f"lower --block_size or prepare more data")
+            self.ignore = prompt_mask(tokens, bos_id, prompt_end_id)
+        else:
+            self.starts, self.ignore = None, None
+        self.rng = np.random.default_rng(seed)
+        self.draws = 0
+
+    def _draw_one(self):
+        # one generator call per micro-batch, whatever the world size, so the stream is the same for any W
+        hi = len(self.starts) if self.starts is not None else len(self.tokens) - self.T
+        idx = self.rng.integers(hi, size=self.B)
+        self.draws += 1
+        return self.starts[idx] if self.starts is not None else idx
+
+    def next(self):
+        picks = [self._draw_one() for _ in range(self.world)][self.rank]
+        rows = np.stack([np.asarray(self.tokens[s:s + self.T + 1], dtype=np.int64) for s in picks])
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        if self.ignore is not None:
+            ign = np.stack([self.ignore[s + 1:s + self.T + 1] for s in picks])
+            y[torch.from_numpy(ign)] = -1
+        return x, y
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state, "draws": self.draws}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+        self.draws = state["draws"]

@@ -1,0 +1,190 @@
+"""Synthetic verifiable reasoning tasks: multi-digit addition at four levels of difficulty, in three answer styles.
+
+Ideas it rests on:
+- Every problem has one checkable final answer, written on the last line as `answer: N`; `extract_answer` reads it.
+- Three answer styles for the same problem, chosen by a tag that opens the answer (`[direct]`, `[minimal]`,
+  `[verbose]`): the answer only; the column-by-column working a small model needs (least-significant digit first,
+  each line carrying the partial result so every step is a local copy); and that same working padded with
+  restatements and re-checks. Training draws the style from a mix that leans verbose, so a trained model spends
+  too many tokens by default; putting the tag in the prompt forces a style at evaluation time.
+- Train, validation and test problems never overlap: a problem's split is a stable hash of its operands.
+
+Example (level 2, minimal style; the prompt is the first line):
+
+    47+85
+    [minimal]
+    7+5+0=12|2
+    4+8+1=13|32
+    answer: 132
+"""
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+STYLES = ("direct", "minimal", "verbose")
+
+# level -> (number of operands, (min digits, max digits) per operand)
+LEVELS = {
+    1: (2, (1, 1)),   # single-digit sums: answerable at a glance
+    2: (2, (2, 2)),
+    3: (2, (3, 4)),
+    4: (3, (2, 3)),   # multi-operand, multi-digit: needs the working
+}
+SPLITS = {"test": (0, 30), "val": (30, 35), "train": (35, 100)}  # hash buckets out of 100
+_ANSWER_RE = re.compile(r"answer: (-?\d+)")
+
+
+@dataclass
+class TaskConfig:
+    """How the reasoning corpus is generated (stored in meta.json so evaluation regenerates the same tests)."""
+    levels: tuple = (1, 2, 3, 4)
+    level_weights: tuple = (0.1, 0.2, 0.3, 0.4)   # harder levels need more examples
+    style_mix: tuple = (0.15, 0.25, 0.6)          # direct, minimal, verbose: leans verbose on purpose
+    lsd_first: bool = True                        # working from the least-significant column (False: from the left)
+    train_examples: int = 60_000
+    val_examples: int = 2_000
+    test_per_level: int = 200
+    seed: int = 1337
+
+    def __post_init__(self):
+        if any(level not in LEVELS for level in self.levels):
+            raise ValueError(f"levels {self.levels} must be among {sorted(LEVELS)}")
+        if len(self.level_weights) != len(self.levels) or min(self.level_weights) < 0:
+            raise ValueError("level_weights needs one non-negative weight per level")
+        if len(self.style_mix) != len(STYLES) or min(self.style_mix) < 0 or sum(self.style_mix) <= 0:
+            raise ValueError(f"style_mix needs {len(STYLES)} non-negative weights, for {', '.join(STYLES)}")
+        if self.train_examples < 1 or self.val_examples < 1 or self.test_per_level < 1:
+            raise ValueError("train_examples, val_examples and test_per_level must be positive")
+
+
+def split_of(operands):
+    """Which split a problem belongs to: a stable hash of its operands, the same on every machine."""
+    key = "+".join(map(str, operands)).encode()
+    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") % 100
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
+
+
+def _draw_operands(level, rng):
+    n_ops, (dmin, dmax) = LEVELS[level]
+    ops = []
+    for _ in range(n_ops):
+        d = rng.randint(dmin, dmax)
+        ops.append(rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1))
+    return tuple(ops)
+
+
+def _all_problems(level):
+    """The whole problem space when it is small enough to enumerate (level 1), else None."""
+    n_ops, (dmin, dmax) = LEVELS[level]
+    if n_ops == 2 and dmax == 1:
+        return [(a, b) for a in range(10) for b in range(10)]
+    return None
+
+
+def sample_problems(level, split, n, rng, distinct=False):
+    """n problems of `level` from `split`, drawn with `rng`; distinct=True never repeats one (fewer if the split
+    holds fewer)."""
+    pool = _all_problems(level)
+    if pool is not None:
+        pool = [p for p in pool if split_of(p) == split]
+        if distinct:
+            rng.shuffle(pool)
+            return pool[:n]
+        return [rng.choice(pool) for _ in range(n)]
+    out, seen = [], set()
+    while len(out) < n:
+        p = _draw_operands(level, rng)
+        if split_of(p) != split or (distinct and p in seen):
+            continue
+        seen.add(p)
+        out.append(p)
+    return out
+
+
+def prompt_text(operands, style=None):
+    """The prompt the model sees: the problem line, and the style tag when a style is forced."""
+    q = "+".join(map(str, operands)) + "\n"
+    return q + f"[{style}]\n" if style else q
+
+
+def _columns(operands):
+    """Column-by-column working: (digits, carry_in, column_sum) per column, least-significant first."""
+    width = max(len(str(x)) for x in operands)
+    cols, carry = [], 0
+    for i in range(width):
+        digits = [(x // 10 ** i) % 10 for x in operands]
+        s = sum(digits) + carry
+        cols.append((digits, carry, s))
+        carry = s // 10
+    return cols
+
+
+def _working_lines(operands, lsd_first=True):
+    """One line per column, `d1+d2+carry_in=sum|partial result`, with the carry out of each column.
+    Least-significant column first by default; lsd_first=False writes the same lines from the most significant
+    column, so each carry-in must be worked out before it is written (harder for a small model)."""
+    cols = _columns(operands)
+    order = cols if lsd_first else cols[::-1]
+    lines, partial = [], ""
+    for digits, carry, s in order:
+        partial = str(s % 10) + partial if lsd_first else partial + str(s % 10)
+        lines.append(("+".join(map(str, digits)) + f"+{carry}={s:02d}|{partial}", s // 10))
+    return lines
+
+
+def answer_text(operands, style, lsd_first=True):
+    """The answer in the given style, starting with its tag and ending with `answer: N` (no end token)."""
+    total = sum(operands)
+    tail = f"answer: {total}"
+    if style == "direct":
+        body = []
+    else:
+        work = _working_lines(operands, lsd_first)
+        if style == "minimal":
+            body = [w for w, _ in work]
+        elif style == "verbose":
+            q = "+".join(map(str, operands))
+            body = [f"Add {' and '.join(map(str, operands))}, column by column."]
+            body += [f"{w}, carry {c}" for w, c in work]
+            body.append("Check: " + ", ".join(w.split("|")[0] + " ok" for w, _ in work))
+            body.append(f"So {q}={total}.")
+        else:
+            raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
+    return "\n".join([f"[{style}]"] + body + [tail])
+
+
+def extract_answer(text):
+    """The final answer in a generated text (the last `answer: N`), or None when there is none."""
+    found = _ANSWER_RE.findall(text)
+    return int(found[-1]) if found else None
+
+
+def check_answer(text, operands):
+    return extract_answer(text) == sum(operands)
+
+
+def style_of(text):
+    """Which style a generated answer chose (from its tag), or None."""
+    m = re.match(r"\[(\w+)\]", text)
+    return m.group(1) if m and m.group(1) in STYLES else None
+
+
+def make_examples(cfg: TaskConfig, split, n, seed_offset=0):
+    """n (prompt, answer) text pairs for training or validation, levels and styles drawn from the config's mixes."""
+    if split not in ("train", "val"):
+        raise ValueError("examples are made for the train and val splits; test problems come from held_out_problems()")
+    rng = random.Random(f"{cfg.seed}-{split}-{seed_offset}")
+    levels = rng.choices(cfg.levels, weights=cfg.level_weights, k=n)
+    styles = rng.choices(STYLES, weights=cfg.style_mix, k=n)
+    out = []
+    for level, style in zip(levels, styles):
+        ops = sample_problems(level, split, 1, rng)[0]
+        out.append((prompt_text(ops), answer_text(ops, style, cfg.lsd_first)))
+    return out
+
+
+def held_out_problems(cfg: TaskConfig, level, n=None):
+    """The fixed held-out test problems of a level (distinct; level 1 has only the ~30 in its test split)."""
+    rng = random.Random(f"{cfg.seed}-test-{level}")
+    return sample_problems(level, "test", n or cfg.test_per_level, rng, distinct=True)

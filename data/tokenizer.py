@@ -1,0 +1,247 @@
+"""Tokenizers: raw bytes, a BPE trained here, or GPT-2's, all served by one `tiktoken.Encoding`.
+
+Ideas it rests on:
+- tiktoken does all encoding and decoding (fast, Rust); this file only builds its inputs: a split pattern, the
+  mergeable ranks (token bytes -> rank, the 256 single bytes first) and the special tokens, which get the ids right
+  after the base vocabulary. Special-token text inside user text is encoded as plain text, never as a special id.
+- BPE training is our own: split the text with the pattern, count each distinct chunk once with its frequency, then
+  merge the most frequent adjacent pair, updating pair counts only for the chunks that contain it. A chunk is always
+  kept as tiktoken would encode it (repeatedly merge the adjacent pair whose concatenation has the lowest rank), so
+  the trained ranks encode any text exactly as the trainer's merge sequence does.
+- Nothing downloads by default: GPT-2's encoding is an explicit choice and fails fast, in one line, when offline.
+"""
+import base64
+import heapq
+import json
+import os
+import threading
+from collections import Counter, defaultdict
+
+import regex  # tiktoken's own dependency; needed for \p{L} in the split pattern
+import tiktoken
+
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+
+# GPT-4's split pattern with numbers cut into groups of at most 2 digits (as nanochat does for small vocabularies:
+# fewer tokens spent on numbers). Python's `regex` and tiktoken's Rust engine split text identically with it.
+GPT4_LIKE_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+# every character, newlines included, in chunks of up to 64: no merges exist, so chunks only need to cover the text
+# (larger chunks than one character make tiktoken about 2x faster here)
+BYTE_PATTERN = r"[\s\S]{1,64}"
+
+
+class Tokenizer:
+    """A thin wrapper over a tiktoken.Encoding with bos/eos/pad ids and a JSON description (to_meta)."""
+
+    def __init__(self, name, enc, bos_id, eos_id, pad_id, ranks_file=None):
+        self.name, self.enc, self.ranks_file = name, enc, ranks_file
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.n_vocab = enc.n_vocab  # includes the special tokens
+
+    def __repr__(self):
+        return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
+
+    def encode(self, text, bos=False, eos=False):
+        ids = self.enc.encode_ordinary(text)  # ordinary: "<|bos|>" in the text stays plain text
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts, bos=False, eos=False):
+        batch = self.enc.encode_ordinary_batch(list(texts))
+        if bos or eos:
+            batch = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
+        return batch
+
+    def decode(self, ids):
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # torch tensor / numpy array / list
+        if ids and not isinstance(ids[0], int):
+            raise ValueError(f"decode takes a 1-D sequence of token ids, got nested {type(ids[0]).__name__}s")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the {self.name} vocabulary (0..{self.n_vocab - 1})")
+        return self.enc.decode(ids)  # invalid UTF-8 (a cut multi-byte character) becomes U+FFFD
+
+    def to_meta(self):
+        meta = {"name": self.name, "n_vocab": self.n_vocab,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        if self.name == "bpe":
+            if self.ranks_file is None:
+                raise ValueError("this BPE tokenizer has no ranks file: write it with save_bpe, then use load_bpe")
+            meta["ranks_file"] = self.ranks_file
+        return meta
+
+
+def _with_specials(name, pattern, ranks, ranks_file=None):
+    n = len(ranks)
+    specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return Tokenizer(name, enc, n, n + 1, n + 2, ranks_file)
+
+
+def byte_tokenizer():
+    """256 byte tokens (id = byte value), then <|bos|>, <|eos|>, <|pad|> at 256, 257, 258."""
+    return _with_specials("bytes", BYTE_PATTERN, {bytes([i]): i for i in range(256)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BPE training
+
+def _merge_chunk(word, ranks, vocab):
+    """Merge, in place, the adjacent pair whose concatenation has the lowest rank until none is in ranks.
+    This is tiktoken's own rule, so the trainer's chunks always equal tiktoken's encoding of them."""
+    while len(word) > 1:
+        best, best_i = None, -1
+        for i in range(len(word) - 1):
+            r = ranks.get(vocab[word[i]] + vocab[word[i + 1]])
+            if r is not None and (best is None or r < best):
+                best, best_i = r, i
+        if best is None:
+            break
+        word[best_i:best_i + 2] = [best]  # rank == token id
+    return word
+
+
+def train_bpe(text, vocab_size, pattern=GPT4_LIKE_PATTERN):
+    """Train BPE on `text`; returns tiktoken mergeable ranks {token bytes: rank}: the 256 bytes, then one token per
+    merge in merge order (vocab_size counts both). Ties between equally frequent pairs go to the smallest id pair."""
+    if not text:
+        raise ValueError("train_bpe got an empty training text: pass some text to learn merges from")
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be >= 256 (the byte tokens), got {vocab_size}")
+    chunks = Counter(regex.findall(pattern, text))
+    words = [list(c.encode("utf-8")) for c in chunks]
+    freqs = list(chunks.values())
+    n_merges = vocab_size - 256
+    most = sum(len(w) - 1 for w in words)  # an upper bound: each merge shortens some distinct chunk by one
+    if n_merges > most:
+        raise ValueError(f"the training text supports at most {256 + most} tokens, not vocab_size {vocab_size}: "
+                         "lower vocab_size or give more text")
+
+    vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+    ranks = {b: i for i, b in enumerate(vocab)}
+    counts = defaultdict(int)  # (a, b) -> occurrences in the text
+    where = defaultdict(set)  # (a, b) -> ids of chunks that contain it (may hold stale ids)
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+            where[pair].add(wi)
+    heap = [(-c, pair) for pair, c in counts.items()]  # max-count first, then the smallest pair
+    heapq.heapify(heap)
+
+    while len(vocab) < vocab_size:
+        while heap and counts.get(heap[0][1], 0) != -heap[0][0]:
+            heapq.heappop(heap)  # a stale entry: its count has changed since it was pushed
+        if not heap:
+            raise ValueError(f"the training text supports only {len(vocab)} tokens, not vocab_size {vocab_size}: "
+                             "lower vocab_size or give more text")
+        _, (a, b) = heapq.heappop(heap)
+        new_id = len(vocab)
+        vocab.append(vocab[a] + vocab[b])
+        ranks[vocab[-1]] = new_id
+        delta = defaultdict(int)
+        for wi in where.pop((a, b)):
+            w, f = words[wi], freqs[wi]
+            old = list(zip(w, w[1:]))
+            if (a, b) not in old:
+                continue  # stale: an earlier merge already changed this chunk
+            _merge_chunk(w, ranks, vocab)  # merges (a, b), and any pair that then forms an existing token
+            for pair in old:
+                delta[pair] -= f
+            for pair in zip(w, w[1:]):
+                delta[pair] += f
+                where[pair].add(wi)
+        for pair, d in delta.items():
+            if d:
+                counts[pair] += d
+                if counts[pair] > 0:
+                    heapq.heappush(heap, (-counts[pair], pair))
+                else:
+                    del counts[pair]
+    return ranks
+
+
+def _check_ranks(ranks):
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([i])) != i for i in range(256)):
+        raise ValueError("BPE ranks must be the 256 bytes at ranks 0..255, then merges numbered 256, 257, ... "
+                         "without gaps: build them with train_bpe")
+
+
+def bpe_tokenizer(ranks, pattern=GPT4_LIKE_PATTERN):
+    """A tokenizer from trained ranks; the special tokens take the ids right after them."""
+    _check_ranks(ranks)
+    return _with_specials("bpe", pattern, ranks)
+
+
+def save_bpe(path, ranks, pattern=GPT4_LIKE_PATTERN):
+    """Write the pattern (a JSON string) on the first line, then `base64(token) rank` per line, atomically."""
+    _check_ranks(ranks)
+    lines = [json.dumps(pattern)] + [f"{base64.b64encode(t).decode()} {r}" for t, r in
+                                      sorted(ranks.items(), key=lambda kv: kv[1])]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def load_bpe(path):
+    """Read a save_bpe file back into a Tokenizer that remembers the file's name (for to_meta)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"BPE ranks file {path} not found: re-run data/prepare.py to rebuild it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            pattern = json.loads(f.readline())
+            ranks = {}
+            for line in f:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        _check_ranks(ranks)
+    except (ValueError, UnicodeDecodeError) as e:  # json, split, base64 and int errors are all ValueErrors
+        raise ValueError(f"{path} is not a BPE ranks file written by save_bpe ({type(e).__name__}): "
+                         "re-run data/prepare.py to rebuild it") from None
+    return _with_specials("bpe", pattern, ranks, ranks_file=os.path.basename(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 (explicit choice only) and rebuilding from meta.json
+
+def gpt2_tokenizer(timeout_s=30.0):
+    """tiktoken's GPT-2 encoding; bos = eos = pad = <|endoftext|> (50256). It reads a local tiktoken cache
+    (TIKTOKEN_CACHE_DIR) or downloads; requests has no timeout there, so the load runs in a thread we stop waiting
+    for after timeout_s."""
+    fix = "set TIKTOKEN_CACHE_DIR to a directory holding its files, or use --tokenizer bytes/bpe"
+    result = []
+
+    def load():
+        try:
+            result.append(tiktoken.get_encoding("gpt2"))
+        except Exception as e:  # noqa: BLE001 - any failure (network, hash, cache) gets the same one-line advice
+            result.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)  # daemon: a hung download does not block exit
+    thread.start()
+    thread.join(timeout_s)
+    if not result:
+        raise RuntimeError(f"could not load GPT-2's tiktoken encoding within {timeout_s:g} s (offline?): {fix}")
+    if isinstance(result[0], Exception):
+        raise RuntimeError(f"could not load GPT-2's tiktoken encoding ({type(result[0]).__name__}; offline?): {fix}")
+    enc = result[0]
+    eot = enc.eot_token
+    return Tokenizer("gpt2", enc, eot, eot, eot)
+
+
+def load_tokenizer(meta, data_dir):
+    """Rebuild the tokenizer described by Tokenizer.to_meta() (as stored in a dataset's meta.json)."""
+    name = meta.get("name")
+    if name == "bytes":
+        tok = byte_tokenizer()
+    elif name == "bpe":
+        tok = load_bpe(os.path.join(data_dir, meta["ranks_file"]))
+    elif name == "gpt2":
+        tok = gpt2_tokenizer()
+    else:
+        raise ValueError(f"unknown tokenizer {name!r} in meta (expected bytes, bpe or gpt2): re-run data/prepare.py")
+    if "n_vocab" in meta and meta["n_vocab"] != tok.n_vocab:
+        raise ValueError(f"the {name} tokenizer has {tok.n_vocab} tokens but the dataset was made with "
+                         f"{meta['n_vocab']}: re-run data/prepare.py")
+    return tok

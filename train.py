@@ -1,0 +1,548 @@
+"""train.py: the trainer. `python train.py` with no flags builds the reasoning corpus if missing, trains a small GPT
+on it, evaluates it and saves a checkpoint to out/.
+
+    python train.py --n_layer 6 --max_iters 3000          # flags are TrainConfig's fields
+    python train.py --config run.toml --lr=1e-3           # a TOML file, then flags on top
+    python train.py --resume                              # continue out/ckpt.pt exactly
+    python train.py --eval_only --init_from out/ckpt.pt   # the level x style table of a checkpoint
+    torchrun --nproc_per_node 2 train.py                  # DDP (gloo on CPU, NCCL on GPU)
+
+Ideas it rests on:
+- One dataclass is the whole configuration; an unknown flag or a bad value is a one-line error naming close matches.
+- A checkpoint holds everything a run depends on (model, optimizer, step, RNG states, the loader's position, the
+  config), is written to a temporary file and renamed, and loads with weights_only=True; so --resume continues
+  bit for bit, and a crash or a bad flag never destroys a saved run.
+- Evaluation of the reasoning corpus is greedy generation on held-out test problems: accuracy and mean generated
+  tokens per difficulty level, untagged (the model picks its style) or with a forced style.
+"""
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from data.loader import Batches, DataError, load_meta, open_tokens
+from data.tasks import STYLES, TaskConfig, check_answer, prompt_text, style_of, held_out_problems
+from data.tokenizer import load_tokenizer
+from model import GPT, GPTConfig, config_from_dict
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, nothing saved is touched."""
+
+
+@dataclass
+class TrainConfig:
+    # i/o
+    out_dir: str = "out"
+    dataset: str = "reasoning"      # a folder under data/ (or a path) made by data/prepare.py; reasoning is built
+    init_from: str = ""             # "": from scratch; a checkpoint file; or a local Hugging Face GPT-2 directory
+    resume: bool = False            # continue out_dir/ckpt.pt exactly
+    overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
+    eval_only: bool = False         # evaluate init_from (or out_dir/ckpt.pt) and exit
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    rope_heads: int = 2             # heads that also use rotary positions (see model.py)
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    batch_size: int = 32            # rows per micro-batch per process
+    grad_accum: int = 1             # micro-batches per step per process
+    max_iters: int = 3000           # length of the LR schedule
+    stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1       # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # 0: off
+    optim: str = "adamw"
+    # evaluation and logging
+    log_interval: int = 50
+    eval_interval: int = 500        # val loss + task accuracy; a checkpoint is saved at each
+    eval_iters: int = 20
+    eval_problems: int = 100        # test problems per level in periodic evaluations (untagged)
+    final_problems: int = 200       # per level and style in the final evaluation
+    samples: int = 4                # answers printed at the end
+    # system
+    device: str = "auto"            # auto: cuda > mps > cpu
+    dtype: str = "auto"             # auto: bfloat16 autocast where supported, else float32
+    compile: bool = False
+    seed: int = 1337
+    threads: int = 0                # torch CPU threads (0: torch's default)
+
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "block_size", "bias")
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _convert(name, typ, value):
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        if typ is bool and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        try:
+            if typ in (int, float):
+                return typ(value)
+        except ValueError:
+            pass
+        if typ is str:
+            return value
+    raise UserError(f"--{name} expects {typ.__name__}, got {value!r}")
+
+
+def parse_config(cls, argv):
+    """(config, names set explicitly) from `--key value`, `--key=value`, bare `--flag` (bools) and
+    `--config file.toml`. Unknown keys are errors that name the closest fields."""
+    types = {f.name: f.type for f in fields(cls)}
+    given, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: flags look like --name value or --name=value")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            elif types.get(key) is bool:
+                val = "true"
+            elif key in types or key == "config":
+                raise UserError(f"--{key} needs a value")
+        given[key] = val
+        i += 1
+    values = {}
+    if "config" in given:
+        path = given.pop("config")
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise UserError(f"config file {path} not found")
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}")
+    values.update(given)
+    for key in values:
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see TrainConfig in the file"
+            raise UserError(f"unknown flag --{key}{hint}")
+    cfg = cls(**{k: _convert(k, types[k], v) for k, v in values.items()})
+    return cfg, set(values)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: check the path, or train one first with `python train.py`")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, not a checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; all mean the same to the user
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg:
+            raise UserError(f"{path} holds pickled objects that could run code when loaded; refusing to load it "
+                            f"(checkpoints hold only tensors and plain containers)")
+        raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); use another file")
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise UserError(f"{path} is not a checkpoint of this trainer (no model/model_config inside)")
+    return ck
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def setup_distributed():
+    """(rank, world_size, local_rank); initialises the process group when started by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    import torch.distributed as dist
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(cfg, local_rank=0):
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_for(device, dtype_name):
+    """(autocast context, dtype name actually used)."""
+    dev = device.split(":")[0]
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype_name == "float32":
+        return nullcontext(), dtype_name
+    if dtype_name not in ("bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype_name!r}")
+    return torch.autocast(dev, dtype=getattr(torch, dtype_name)), dtype_name
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def dataset_dir(name):
+    return name if os.path.isabs(name) or os.sep in name else os.path.join(ROOT, "data", name)
+
+
+def ensure_dataset(cfg, master):
+    """The dataset's meta; the built-in reasoning corpus is generated on first use (by the master process)."""
+    d = dataset_dir(cfg.dataset)
+    if cfg.dataset == "reasoning" and not os.path.isfile(os.path.join(d, "meta.json")) and master:
+        from data.prepare import prepare_reasoning
+        prepare_reasoning(d)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return d, load_meta(d)
+
+
+def lr_at(it, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    raise UserError(f"--optim {cfg.optim!r} is not known; choose adamw")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext()):
+    """Greedy answers to the held-out test problems: one row per (level, style) with accuracy, mean generated
+    tokens, and (untagged) the share of answers that chose each style."""
+    rows = []
+    for level in task.levels:
+        problems = held_out_problems(task, level, n_per_level)
+        for style in styles:
+            prompts = [tok.encode(prompt_text(p, style), bos=True) for p in problems]
+            budget = model.config.block_size - max(len(p) for p in prompts)
+            correct, tokens, chosen = 0, 0, {s: 0 for s in STYLES}
+            for i in range(0, len(prompts), batch):
+                with ctx:
+                    out, lens = model.generate(prompts[i:i + batch], budget, temperature=0, eos_id=tok.eos_id)
+                for j, (row, n) in enumerate(zip(out.tolist(), lens.tolist())):
+                    text = tok.decode(row[:n - 1] if row[n - 1] == tok.eos_id else row[:n])
+                    full = f"[{style}]\n{text}" if style else text
+                    correct += check_answer(full, problems[i + j])
+                    tokens += n
+                    chosen[style_of(full) or "direct"] += style is None and style_of(full) is not None
+            r = dict(level=level, style=style or "untagged", n=len(problems), accuracy=correct / len(problems),
+                     mean_tokens=tokens / len(problems))
+            if style is None:
+                r["chose"] = {s: c / len(problems) for s, c in chosen.items()}
+            rows.append(r)
+    return rows
+
+
+def summarize(rows):
+    """Accuracy and mean tokens over all problems of each style."""
+    out = {}
+    for style in dict.fromkeys(r["style"] for r in rows):
+        rs = [r for r in rows if r["style"] == style]
+        n = sum(r["n"] for r in rs)
+        out[style] = dict(accuracy=sum(r["accuracy"] * r["n"] for r in rs) / n,
+                          mean_tokens=sum(r["mean_tokens"] * r["n"] for r in rs) / n, n=n)
+    return out
+
+
+def format_table(rows):
+    lines = [f"{'level':>5} {'style':>9} {'n':>4} {'acc':>6} {'tokens':>7}"]
+    for r in rows:
+        lines.append(f"{r['level']:>5} {r['style']:>9} {r['n']:>4} {100 * r['accuracy']:>5.1f}% "
+                     f"{r['mean_tokens']:>7.1f}")
+    for style, s in summarize(rows).items():
+        lines.append(f"{'all':>5} {style:>9} {s['n']:>4} {100 * s['accuracy']:>5.1f}% {s['mean_tokens']:>7.1f}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def estimate_val_loss(model, tokens, cfg, meta, ctx, device):
+    """Mean loss over eval_iters fixed validation batches (a fresh, seeded loader each time)."""
+    loader = make_loader(tokens, cfg, meta, seed=cfg.seed + 1, rank=0, world=1, name="val.bin")
+    model.eval()
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = (t.to(device) for t in loader.next())
+        with ctx:
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def make_loader(tokens, cfg, meta, seed, rank, world, name):
+    tok = meta["tokenizer"]
+    doc = meta.get("kind") == "reasoning"
+    prompt_end = ord(meta.get("prompt_end", "\n")) if doc else None
+    return Batches(tokens, cfg.block_size, cfg.batch_size, seed, doc_aligned=doc, bos_id=tok["bos_id"],
+                   prompt_end_id=prompt_end, rank=rank, world_size=world, name=name)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build_model(cfg, explicit, meta, device):
+    """(model, checkpoint or None). Resume and eval_only restore the saved config; init_from loads weights."""
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    elif cfg.init_from and os.path.isfile(cfg.init_from):
+        ckpt = load_checkpoint(cfg.init_from)
+    elif cfg.init_from and os.path.isdir(cfg.init_from):
+        try:
+            return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout), None
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e))
+    elif cfg.init_from:
+        raise UserError(f"--init_from {cfg.init_from}: no such checkpoint file or directory")
+    elif cfg.eval_only:
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if ckpt is not None:
+        mc = config_from_dict(ckpt["model_config"])
+        for k in MODEL_FIELDS:
+            if k in explicit and getattr(cfg, k) != getattr(mc, k):
+                raise UserError(f"--{k} {getattr(cfg, k)} differs from the checkpoint's {getattr(mc, k)}; "
+                                f"drop the flag to use the checkpoint's model")
+            setattr(cfg, k, getattr(mc, k))
+        mc.dropout = cfg.dropout
+        model = GPT(mc)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}")
+        return model, ckpt
+    mc = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                   rope_heads=cfg.rope_heads)
+    try:
+        return GPT(mc), None
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"bad model shape: {e}")
+
+
+def run(cfg, explicit):
+    rank, world, local_rank = setup_distributed()
+    master = rank == 0
+    if cfg.resume:  # the saved run's settings, with the flags given now on top
+        saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["config"]
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__},
+                             **{k: getattr(cfg, k) for k in explicit}})
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    fresh = not (cfg.resume or cfg.eval_only)
+    if fresh and os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise UserError(f"{ckpt_path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
+                        f"or --overwrite to replace it")
+    if cfg.stop_after and cfg.stop_after > cfg.max_iters:
+        raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg, local_rank)
+    ctx, dtype_name = autocast_for(device, cfg.dtype)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    data_dir, meta = ensure_dataset(cfg, master)
+    try:
+        tok = load_tokenizer(meta["tokenizer"], data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UserError(str(e))
+    model, ckpt = build_model(cfg, explicit, meta, device)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the dataset's "
+                        f"({meta['vocab_size']}): pick a dataset made with the model's tokenizer")
+    model.to(device)
+    task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["task"].items()}) \
+        if meta.get("kind") == "reasoning" else None
+    train_tokens, val_tokens = open_tokens(data_dir, "train", meta), open_tokens(data_dir, "val", meta)
+    val_loader_check = make_loader(val_tokens, cfg, meta, 0, 0, 1, "val.bin")  # fails early if data too small
+    del val_loader_check
+
+    if cfg.eval_only:
+        return final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master)
+
+    loader = make_loader(train_tokens, cfg, meta, seed=cfg.seed, rank=rank, world=world, name="train.bin")
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    if ckpt is not None and cfg.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+    raw_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    if master:
+        print(f"model {raw_model.get_num_params() / 1e6:.2f}M params | {device} {dtype_name} | world {world} | "
+              f"{tokens_per_step:,} tokens/step | data {data_dir}")
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def checkpoint(step):
+        if master:
+            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                            step=step, config=asdict(cfg), model_config=asdict(raw_model.config),
+                                            rng=rng_state(), loader=loader.state_dict(), dataset=cfg.dataset))
+
+    last = cfg.stop_after or cfg.max_iters
+    t0, t_start, step0, t0_step = time.perf_counter(), time.perf_counter(), step, step
+    while step < last:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(device) for t in loader.next())
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else model.no_sync()), ctx:
+                _, loss = model(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_avg = loss_sum / cfg.grad_accum
+        if world > 1:  # the loss of the whole step, over all processes
+            t = torch.tensor([loss_avg], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            loss_avg = t.item() / world
+        log(dict(step=step, loss=loss_avg, lr=lr))
+        if master and (step % cfg.log_interval == 0 or step == last):
+            dt = (time.perf_counter() - t0) / (step - t0_step)  # seconds per step since the last log
+            tps = tokens_per_step / dt
+            mfu = raw_model.estimate_mfu(tps / world, cfg.block_size, device)
+            eta = (last - step) * (time.perf_counter() - t_start) / (step - step0)
+            print(f"step {step:>5}/{last} | loss {loss_avg:.4f} | lr {lr:.2e} | {1e3 * dt:.0f} ms/step | "
+                  f"{tps:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                  f"peak {peak_memory_mb(device):.0f} MiB | eta {eta:.0f}s", flush=True)
+            log(dict(step=step, ms_per_step=1e3 * dt, tokens_per_s=tps, mfu=mfu, peak_mb=peak_memory_mb(device)))
+            t0, t0_step = time.perf_counter(), step
+        if step % cfg.eval_interval == 0 or step == last:
+            if master and step != cfg.max_iters:
+                record = dict(step=step, val_loss=estimate_val_loss(raw_model, val_tokens, cfg, meta, ctx, device))
+                msg = f"eval {step}: val loss {record['val_loss']:.4f}"
+                if task is not None:
+                    rows = evaluate_reasoning(raw_model, tok, task, device, cfg.eval_problems, ctx=ctx)
+                    record["accuracy"] = summarize(rows)["untagged"]["accuracy"]
+                    record["by_level"] = {r["level"]: r["accuracy"] for r in rows}
+                    msg += f" | accuracy {100 * record['accuracy']:.1f}% " + " ".join(
+                        f"L{r['level']} {100 * r['accuracy']:.0f}%" for r in rows)
+                print(msg, flush=True)
+                log(record)
+            checkpoint(step)
+            t0, t0_step = time.perf_counter(), step  # evaluation time is not training time
+    if step == cfg.max_iters:
+        final_evaluation(raw_model, tok, task, cfg, meta, val_tokens, ctx, device, master)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master):
+    if not master:
+        return None
+    model.eval()
+    result = dict(val_loss=estimate_val_loss(model, val_tokens, cfg, meta, ctx, device))
+    print(f"final val loss {result['val_loss']:.4f}")
+    if task is not None:
+        rows = evaluate_reasoning(model, tok, task, device, cfg.final_problems, styles=(None,) + STYLES, ctx=ctx)
+        result.update(rows=rows, summary=summarize(rows))
+        print(format_table(rows))
+        print("sampled answers (untagged prompts, temperature 0.8):")
+        gen = torch.Generator(device=device.split(":")[0] if device.startswith("cuda") else "cpu").manual_seed(0)
+        for level in task.levels[:cfg.samples]:
+            p = held_out_problems(task, level, 1)[0]
+            out, n = model.generate([tok.encode(prompt_text(p), bos=True)], model.config.block_size // 2 + 64,
+                                    temperature=0.8, eos_id=tok.eos_id, generator=gen)
+            text = tok.decode(out[0, :n[0]].tolist()).replace(tok.decode([tok.eos_id]), "")
+            mark = "correct" if check_answer(text, p) else "wrong"
+            print(f"--- {prompt_text(p).strip()} ({mark}, {int(n[0])} tokens)\n{text}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    try:
+        cfg, explicit = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+        run(cfg, explicit)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
