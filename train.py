@@ -23,6 +23,7 @@ import random
 import sys
 import time
 import tomllib
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -165,7 +166,9 @@ def load_checkpoint(path):
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory, not a checkpoint file")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same to the user
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg:
@@ -385,6 +388,7 @@ def run(cfg, explicit):
     if cfg.resume:  # the saved run's settings, with the flags given now on top
         saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["config"]
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__},
+                             "stop_after": 0, "overwrite": False, "init_from": "",
                              **{k: getattr(cfg, k) for k in explicit}})
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     fresh = not (cfg.resume or cfg.eval_only)
@@ -521,8 +525,9 @@ def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, maste
         gen = torch.Generator(device=device.split(":")[0] if device.startswith("cuda") else "cpu").manual_seed(0)
         for level in task.levels[:cfg.samples]:
             p = held_out_problems(task, level, 1)[0]
-            out, n = model.generate([tok.encode(prompt_text(p), bos=True)], model.config.block_size // 2 + 64,
-                                    temperature=0.8, eos_id=tok.eos_id, generator=gen)
+            prompt = tok.encode(prompt_text(p), bos=True)
+            out, n = model.generate([prompt], model.config.block_size - len(prompt), temperature=0.8,
+                                    eos_id=tok.eos_id, generator=gen)
             text = tok.decode(out[0, :n[0]].tolist()).replace(tok.decode([tok.eos_id]), "")
             mark = "correct" if check_answer(text, p) else "wrong"
             print(f"--- {prompt_text(p).strip()} ({mark}, {int(n[0])} tokens)\n{text}")

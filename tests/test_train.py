@@ -1,0 +1,192 @@
+"""train.py: flags, exact resume, DDP equivalence, and one-line errors for bad input that never touch saved work.
+Runs the real CLI in subprocesses on a tiny model and a tiny corpus the test makes itself."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import train
+from data.prepare import prepare_reasoning, prepare_text
+from data.tasks import TaskConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
+        "--eval_iters", "2", "--eval_problems", "2", "--final_problems", "2", "--samples", "1",
+        "--log_interval", "2", "--threads", "1", "--warmup_iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reasoning")
+    prepare_reasoning(str(d), TaskConfig(train_examples=400, val_examples=60, test_per_level=4), verbose=False)
+    return str(d)
+
+
+def run_cli(args, cwd=ROOT, module=("train.py",)):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *module, *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and "\n" not in err, err
+    assert err.startswith("error: ")
+    for n in needles:
+        assert n in err, err
+
+
+# ----------------------------------------------------------------------------- flags
+
+def test_flags_accept_both_spellings_bools_and_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('n_layer = 3\nlr = 0.01\ndataset = "x"\n')
+    cfg, explicit = train.parse_config(train.TrainConfig, ["--config", str(toml), "--n_layer=5", "--compile",
+                                                           "--dropout", "0.1", "--bias", "false"])
+    assert (cfg.n_layer, cfg.lr, cfg.dataset, cfg.compile, cfg.dropout, cfg.bias) == (5, 0.01, "x", True, 0.1, False)
+    assert explicit == {"n_layer", "lr", "dataset", "compile", "dropout", "bias"}
+
+
+def test_unknown_flag_names_the_close_matches():
+    with pytest.raises(train.UserError, match="did you mean --n_layer"):
+        train.parse_config(train.TrainConfig, ["--n_layr", "3"])
+    with pytest.raises(train.UserError, match="expects int"):
+        train.parse_config(train.TrainConfig, ["--n_layer", "three"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.lr_at(0, cfg) < train.lr_at(9, cfg) < 1.0
+    assert train.lr_at(10, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_resume_is_bitwise_exact(corpus, tmp_path):
+    common = TINY + ["--dataset", corpus, "--max_iters", "8", "--eval_interval", "4", "--dropout", "0.1"]
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    p = run_cli(common + ["--out_dir", straight])
+    assert p.returncode == 0, p.stderr
+    p = run_cli(common + ["--out_dir", split, "--stop_after", "4"])
+    assert p.returncode == 0, p.stderr
+    assert set(losses(split)) == {1, 2, 3, 4}
+    p = run_cli(["--resume", "--out_dir", split])
+    assert p.returncode == 0, p.stderr
+    a, b = losses(straight), losses(split)
+    assert list(a) == list(range(1, 9)) and a == b  # fp32 on CPU: identical to the last bit
+    assert "final val loss" in p.stdout and "untagged" in p.stdout
+
+
+def test_ddp_two_processes_match_one_process_with_double_accumulation(corpus, tmp_path):
+    common = TINY + ["--dataset", corpus, "--max_iters", "6", "--eval_interval", "100", "--final_problems", "1"]
+    one = run_cli(common + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
+    assert one.returncode == 0, one.stderr
+    two = run_cli(common + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "1"],
+                  module=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "train.py"))
+    assert two.returncode == 0, two.stderr
+    a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
+    assert list(a) == list(b) == list(range(1, 7))
+    for step in a:  # the same sums in another order: float32 round-off, far below 1e-5
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_eval_only_prints_the_level_by_style_table(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert run_cli(TINY + ["--dataset", corpus, "--max_iters", "2", "--out_dir", out]).returncode == 0
+    p = run_cli(["--eval_only", "--init_from", os.path.join(out, "ckpt.pt"), "--dataset", corpus,
+                 "--out_dir", str(tmp_path / "ev")])
+    assert p.returncode == 0, p.stderr
+    for style in ("untagged", "direct", "minimal", "verbose"):
+        assert style in p.stdout
+    result = json.load(open(tmp_path / "ev" / "eval.json"))
+    assert {r["level"] for r in result["rows"]} == {1, 2, 3, 4}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture()
+def saved_run(corpus, tmp_path):
+    """An out_dir holding a finished run; every bad-input test checks that it survives byte for byte."""
+    out = str(tmp_path / "saved")
+    p = run_cli(TINY + ["--dataset", corpus, "--max_iters", "2", "--out_dir", out])
+    assert p.returncode == 0, p.stderr
+    path = os.path.join(out, "ckpt.pt")
+    before = open(path, "rb").read()
+    yield out
+    assert open(path, "rb").read() == before
+
+
+def test_unknown_flag_is_a_one_line_error(saved_run):
+    assert_one_line_error(run_cli(["--out_dir", saved_run, "--n_layr", "3"]), "--n_layer")
+
+
+def test_fresh_run_refuses_to_replace_a_saved_run(saved_run, corpus):
+    assert_one_line_error(run_cli(TINY + ["--dataset", corpus, "--out_dir", saved_run]), "--resume", "--overwrite")
+
+
+def test_missing_checkpoint_is_a_one_line_error(saved_run, tmp_path):
+    assert_one_line_error(run_cli(["--resume", "--out_dir", str(tmp_path / "nothing")]), "no checkpoint")
+    assert_one_line_error(run_cli(["--init_from", str(tmp_path / "nope.pt"), "--out_dir", saved_run,
+                                   "--eval_only"]), "no such checkpoint")
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(saved_run, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(os.path.join(saved_run, "ckpt.pt"), "rb").read()[:5000])  # truncated
+    assert_one_line_error(run_cli(["--eval_only", "--init_from", str(bad), "--out_dir", saved_run]), "corrupt")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/lean_trainer_pickle_ran_code"
+
+
+def test_checkpoint_that_would_run_code_is_refused(saved_run, tmp_path):
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": RunsCode(), "model_config": {}}, f)
+    assert_one_line_error(run_cli(["--eval_only", "--init_from", str(evil), "--out_dir", saved_run]), "run code")
+    assert not os.path.exists(MARKER)
+
+
+def test_missing_dataset_is_a_one_line_error(saved_run, tmp_path):
+    assert_one_line_error(run_cli(["--dataset", str(tmp_path / "none"), "--out_dir", str(tmp_path / "o")]),
+                          "prepare.py")
+
+
+def test_block_size_beyond_the_data_is_a_one_line_error(saved_run, tmp_path):
+    txt = tmp_path / "small.txt"
+    txt.write_text("a tiny text " * 40)
+    prepare_text(str(txt), str(tmp_path / "small"), verbose=False)
+    p = run_cli(TINY + ["--dataset", str(tmp_path / "small"), "--block_size", "96", "--out_dir", str(tmp_path / "o")])
+    assert_one_line_error(p, "block_size")
+
+
+def test_empty_text_file_is_a_one_line_error_and_keeps_the_dataset(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\n" * 100)
+    out = str(tmp_path / "ds")
+    assert run_cli(["text", "--input", str(good), "--out", out], module=("data/prepare.py",)).returncode == 0
+    before = open(os.path.join(out, "train.bin"), "rb").read()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(run_cli(["text", "--input", str(empty), "--out", out], module=("data/prepare.py",)),
+                          "empty")
+    assert open(os.path.join(out, "train.bin"), "rb").read() == before
