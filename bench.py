@@ -11,6 +11,7 @@ Ideas it rests on:
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -124,6 +125,160 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- sections
 # Each section registers itself with @section("name") and returns rows made by row().
 # (sections are added below by the modules' issues: train, generate, matmul, adam, ...)
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA allocator statistics on GPU, the process's peak RSS (VmHWM) on Linux CPUs."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def peak_memory_mb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def default_model_config(vocab_size=259):
+    """The model `python train.py` trains (its TrainConfig defaults), for a byte-level vocabulary."""
+    from model import GPTConfig
+    from train import TrainConfig
+    d = TrainConfig()
+    return GPTConfig(block_size=d.block_size, vocab_size=vocab_size, n_layer=d.n_layer, n_head=d.n_head,
+                     n_embd=d.n_embd, rope_heads=d.rope_heads, bias=d.bias), d.batch_size
+
+
+@section("train")
+def bench_train(args):
+    """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens."""
+    from model import GPT, GPTConfig
+    cuda = args.device.startswith("cuda")
+    default, default_batch = default_model_config()
+    gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    if args.quick:
+        gpt2 = GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=12, n_embd=768)
+    configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-small-2layer",
+                                                     gpt2, 8 if cuda else 1)]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    rows = []
+    for name, cfg, batch in configs:
+        torch.manual_seed(0)
+        model = GPT(cfg).to(args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
+
+        def step():
+            with ctx:
+                _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        reset_peak_memory(args.device)
+        t = median_time(step, args.device, warmup=1, iters=2 if args.quick or not cuda else 10)
+        tps = batch * cfg.block_size / t
+        mfu = model.estimate_mfu(tps, cfg.block_size, args.device)
+        shape = f"{model.get_num_params() / 1e6:.1f}M params, {batch}x{cfg.block_size} tokens"
+        rows.append(row("train", f"{name} throughput ({shape})", tps, unit="tok/s",
+                        mfu=mfu, ms_per_step=1e3 * t))
+        rows.append(row("train", f"{name} peak memory", peak_memory_mb(args.device), unit="MiB",
+                        higher_is_better=False, measured="CUDA allocator peak" if cuda else "peak RSS of the process"))
+        del model, opt
+    return rows
+
+
+@section("generate")
+def bench_generate(args):
+    """Tokens/s of generate() with the KV cache against the same model recomputing the whole prefix each step."""
+    from model import GPT
+    cfg, _ = default_model_config()
+    new = 64 if args.quick else 256
+    prompt_len = min(16, cfg.block_size - new)
+    if prompt_len < 1:
+        return [row("generate", f"skipped: block_size {cfg.block_size} leaves no room for {new} new tokens", None)]
+    torch.manual_seed(0)
+    model = GPT(cfg).to(args.device).eval()
+    rows = []
+    for batch in ((1, 4) if args.quick else (1, 16)):
+        x = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=args.device)
+        cached = median_time(lambda: model.generate(x, new, temperature=0), args.device, warmup=1, iters=3)
+        full = median_time(lambda: model.generate(x, new, temperature=0, use_cache=False), args.device,
+                           warmup=1, iters=3)
+        rows.append(row("generate", f"KV cache vs recompute, batch {batch}, {new} new tokens", batch * new / cached,
+                        batch * new / full, unit="tok/s"))
+    return rows
+
+
+def _int4_weight(N, K, group_size, device):
+    import kernels
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=device)
+    scales = 0.01 + 0.04 * torch.rand(N, K // group_size, device=device)
+    zeros = 15 * torch.rand(N, K // group_size, device=device)
+    return kernels.pack_int4(q), scales, zeros
+
+
+def _rotating(tensors, device):
+    """Enough copies of `tensors` to overflow L2 four times, cycled, so each timed call reads its weights from
+    memory as a real model's layers do (8192x8192 int4 weights would otherwise sit in an H200's L2)."""
+    import itertools
+    nbytes = sum(t.nbytes for t in tensors)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-4 * l2 // nbytes) - 1)]
+    return itertools.cycle(copies)
+
+
+def _copy_bandwidth(device, nbytes=1 << 30):
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * nbytes / median_time(lambda: b.copy_(a), device, warmup=3, iters=10) / 1e9  # read + write
+
+
+@section("matmul")
+def bench_matmul(args):
+    """int4 weight-only matmul (kernels.int4_matmul, group 128) vs bf16 torch.matmul and dequantize-then-matmul."""
+    import kernels
+    s, g, dev = "matmul", 128, args.device
+    if not str(dev).startswith("cuda"):
+        M, N, K = 4, 512, 512
+        packed, scales, zeros = _int4_weight(N, K, g, "cpu")
+        w = kernels.dequantize_int4(packed, scales, zeros, g)
+        x = torch.randn(M, K)
+        ours = median_time(lambda: kernels.int4_matmul(x, packed, scales, zeros, g, backend="torch"))
+        dense = median_time(lambda: x @ w.T)
+        return [row(s, "cpu: reference only; Triton kernels need CUDA for timing", ours * 1e3, dense * 1e3, "ms",
+                    higher_is_better=False, M=M, N=N, K=K, group_size=g)]
+    warmup, iters = (3, 5) if args.quick else (10, 50)  # the first call autotunes, inside the untimed warm-up
+    copy_gbs = _copy_bandwidth(dev)
+    rows = [row(s, "device copy bandwidth (read + write)", copy_gbs, unit="GB/s")]
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (8192, 8192), (11008, 4096)]
+    for N, K in shapes:
+        int4 = _rotating(_int4_weight(N, K, g, dev), dev)
+        dense = _rotating((kernels.dequantize_int4(*_int4_weight(N, K, g, dev), g, torch.bfloat16),), dev)
+        wbytes = sum(t.nbytes for t in next(int4))
+        for M in (1, 16, 4096) if args.quick else (1, 16, 128, 4096):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            t = median_time(lambda: kernels.int4_matmul(x, *next(int4), g, backend="triton"), dev, warmup, iters)
+            t_bf16 = median_time(lambda: x @ next(dense)[0].T, dev, warmup, iters)
+            deq = lambda: x @ kernels.dequantize_int4(*next(int4), g, torch.bfloat16).T
+            t_deq = median_time(deq, dev, warmup, iters)
+            extra = dict(M=M, N=N, K=K, tflops=2 * M * N * K / t / 1e12, weight_gbs=wbytes / t / 1e9)
+            if M == 1:
+                extra["pct_copy_bw"] = 100 * extra["weight_gbs"] / copy_gbs
+            rows.append(row(s, f"M={M} {N}x{K} int4 vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms",
+                            higher_is_better=False, **extra))
+            rows.append(row(s, f"M={M} {N}x{K} int4 vs dequantize+matmul", t * 1e3, t_deq * 1e3, "ms",
+                            higher_is_better=False, M=M, N=N, K=K))
+        M = 4096  # the backward dX = dY @ W, against the bf16 matmul it replaces
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        t = median_time(lambda: kernels.int4_matmul_dx_triton(dy, *next(int4), g), dev, warmup, iters)
+        t_bf16 = median_time(lambda: dy @ next(dense)[0], dev, warmup, iters)
+        rows.append(row(s, f"dX M={M} {N}x{K} int4 vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms",
+                        higher_is_better=False, M=M, N=N, K=K, tflops=2 * M * N * K / t / 1e12))
+    return rows
 
 
 if __name__ == "__main__":

@@ -24,16 +24,20 @@ from torch.nn import functional as F
 
 # ----------------------------------------------------------------------------- rotary embeddings
 
-def rope_tables(head_dim, max_len, base=10000.0):
+def rope_tables(n_head, rope_heads, head_dim, max_len, base=10000.0):
+    """cos/sin tables (max_len, n_head, head_dim); heads from rope_heads on get cos=1, sin=0 (no rotation), so
+    one elementwise pass handles the rotary and the plain heads alike."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (T, hd/2)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv).repeat(1, 2)  # (T, hd): halves share angles
+    ang = ang[:, None, :] * (torch.arange(n_head) < rope_heads).float()[None, :, None]
     return torch.cos(ang), torch.sin(ang)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x1, x2) of the two halves of the head dim; x (B, H, T, hd), cos/sin (B, 1, T, hd/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate the pairs (x[i], x[i + hd/2]); x (B, H, T, hd), cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -52,15 +56,13 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.rope_heads:  # rotary positions on the first rope_heads heads only
-            r = self.rope_heads
-            q = torch.cat([apply_rope(q[:, :r], *rope), q[:, r:]], dim=1)
-            k = torch.cat([apply_rope(k[:, :r], *rope), k[:, r:]], dim=1)
+        if rope is not None:  # rotary positions (identity on the heads past rope_heads)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        causal = mask is None and (cache is None or cache.len == 0)  # a decode step attends to all it has
         if cache is not None:  # write this step's keys/values, attend to everything cached so far
             k, v = cache.append(self, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-            dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -140,7 +142,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
-        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+        cos, sin = rope_tables(config.n_head, config.rope_heads, config.n_embd // config.n_head, config.block_size,
+                               config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -165,14 +168,18 @@ class GPT(nn.Module):
         (generation); cache/mask are generate()'s. Without targets only the last position's logits are computed
         unless last_only=False."""
         B, T = idx.size()
-        if pos is None:
+        rope = None
+        if pos is None:  # training: every row at positions 0..T-1
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-            pos = torch.arange(T, device=idx.device).expand(B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        rope = None
-        if self.config.rope_heads:
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+            pos_emb = self.transformer.wpe.weight[:T]
+            if self.config.rope_heads:
+                rope = (self.rope_cos[:T].transpose(0, 1), self.rope_sin[:T].transpose(0, 1))  # (H, T, hd)
+        else:  # generation: per-row positions (left padding)
+            pos_emb = self.transformer.wpe(pos)
+            if self.config.rope_heads:
+                rope = (self.rope_cos[pos].transpose(1, 2), self.rope_sin[pos].transpose(1, 2))  # (B, H, T, hd)
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
         for block in self.transformer.h:
             x = block(x, rope, cache, mask)
         x = self.transformer.ln_f(x)
@@ -218,8 +225,15 @@ class GPT(nn.Module):
         key_ok = steps[None, :] >= pad[:, None]                      # pad keys are never attended to
         causal = steps[:, None] >= steps[None, :]
 
-        def attn_mask(q0, q1):  # (B, 1, q, k) boolean; a pad query may see itself so no row is all-masked
+        ragged = bool((pad > 0).any())
+
+        def attn_mask(q0, q1):  # (B, 1, q, k) boolean, None when no row is padded (plain causal attention)
+            if not ragged:
+                return None
+            if q1 - q0 == 1:  # a decode step: every cached key but the padding
+                return key_ok[:, None, None, :q1]
             m = causal[q0:q1, :q1][None] & key_ok[:, None, :q1]
+            # a pad query may see itself, so that no row of the mask is empty (its output is never used)
             return (m | torch.eye(q1, dtype=torch.bool, device=device)[q0:q1][None])[:, None]
 
         was_training = self.training
@@ -233,7 +247,7 @@ class GPT(nn.Module):
         fill = eos_id if eos_id is not None else 0
         t, n = T0, 0
         for n in range(max_new_tokens):
-            if cache is None:
+            if cache is None:  # the baseline: the whole prefix again, every step
                 logits, _ = self(seq[:, :t], pos=positions[:, :t], mask=attn_mask(0, t))
             elif n == 0:
                 logits, _ = self(seq[:, :t], pos=positions[:, :t], cache=cache, mask=attn_mask(0, t))

@@ -1,0 +1,408 @@
+"""kernels.py: Triton kernels, their launchers and autograd Functions, next to pure-torch references.
+
+Int4 weight-only matmul, y = x @ W.T, with W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g], q in 0..15:
+
+    pack_int4(q) / unpack_int4(packed)           the packed layout below
+    dequantize_int4(packed, scales, zeros, g)    pure torch: the reference, the CPU fallback and quant.py's helper
+    int4_matmul(x, packed, scales, zeros, g)     the entry point; differentiable w.r.t. x (the weights are frozen)
+
+Three kernels, each behind a launcher (checks, grid) and one autograd Function:
+    _int4_gemv_kernel   decode, M <= 4: streams each weight word once; scale and zero applied once per group
+    _int4_gemm_kernel   M > 4: dequantizes a K-block of W in registers into tl.dot (tensor cores); split-K at small M
+    _int4_dx_kernel     backward, dX = dY @ W: the same packed words, now reduced over N; no repacking, no dense W
+
+Ideas it rests on:
+- Layout: int32 words of 8 nibbles along K, packed[n, j] bits 4i..4i+3 = q[n, 8j + i]; shape (N, K // 8), row-major.
+  A row of W is contiguous, so every kernel reads K-contiguous words with wide loads and unpacks a word in
+  registers with one shift and one mask per nibble.
+- At small M the cost is weight bytes (4-bit is a quarter of bf16), so the GEMV does the least arithmetic per
+  nibble: sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k) per group. At large M the cost is the
+  tensor cores; the dequantized tile is the left operand of tl.dot (acc is a tile of y.T), the operand Hopper's
+  wgmma can take from registers.
+- fp32 accumulation everywhere; the output is rounded once to x's dtype. Autotuning is keyed on (M bucket, N, K,
+  group size); under TRITON_INTERPRET=1 (CPU tests) a kernel runs one small config, so nothing is benchmarked.
+
+Accepted: x fp32/bf16/fp16 of shape (..., K); packed int32 (N, K // 8); scales fp32/bf16/fp16 (N, K // g); zeros
+the same float dtypes or uint8 (N, K // g); g in 32, 64, 128, 256; K a multiple of g; any N, any M.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP_SIZES = (32, 64, 128, 256)
+# TODO: both thresholds are reasoned, not yet measured on an H200 (bench.py matmul measures them)
+GEMV_MAX_M = 4            # rows up to which the CUDA-core GEMV beats padding M to a 16-row tensor-core tile
+SPLIT_K_MAX_BUCKET = 128  # above this M there are enough output tiles to fill the GPU without splitting K
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ZERO_DTYPES = _X_DTYPES + (torch.uint8,)
+
+
+# ----------------------------------------------------------------------------- packing and the reference
+
+def pack_int4(q):
+    """uint8 (N, K) in 0..15 -> int32 (N, K // 8); word j of row n holds q[n, 8j + i] in bits 4i..4i+3."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+        raise TypeError(f"pack_int4 wants a uint8 tensor, got {getattr(q, 'dtype', type(q))}")
+    if q.dim() != 2 or q.shape[1] % 8:
+        raise ValueError(f"pack_int4 wants (N, K) with K a multiple of 8, got {tuple(q.shape)}; pad K")
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError(f"pack_int4: values must be in 0..15, got max {int(q.max())}")
+    N, K = q.shape
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (q.view(N, K // 8, 8).to(torch.int64) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement: nibble 7 owns the sign bit
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_int4(packed):
+    """int32 (N, K // 8) -> uint8 (N, K) in 0..15; the inverse of pack_int4."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+        got = getattr(packed, "dtype", type(packed))
+        raise TypeError(f"unpack_int4 wants an int32 tensor from pack_int4, got {got}")
+    if packed.dim() != 2:
+        raise ValueError(f"unpack_int4 wants a 2-D (N, K // 8) tensor, got shape {tuple(packed.shape)}")
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    q = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
+    return q.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def dequantize_int4(packed, scales, zeros, group_size, dtype=torch.float32):
+    """W (N, K) in `dtype`, computed in fp32 (fp64 when dtype is fp64) and rounded once."""
+    q = unpack_int4(packed)
+    N, K = q.shape
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q = q.view(N, K // group_size, group_size).to(compute)
+    w = (q - zeros.to(compute).unsqueeze(-1)) * scales.to(compute).unsqueeze(-1)
+    return w.view(N, K).to(dtype)
+
+
+def int4_matmul_reference(x, packed, scales, zeros, group_size):
+    """x @ W.T in x's dtype through a dense dequantized W; autograd gives dX = dY @ W."""
+    return x @ dequantize_int4(packed, scales, zeros, group_size, x.dtype).T
+
+
+def _check_args(x, packed, scales, zeros, group_size):
+    """One-line errors for everything a kernel would otherwise get wrong silently."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise TypeError(f"packed must be a 2-D int32 tensor from pack_int4, got {packed.dtype} {tuple(packed.shape)}")
+    N, K = packed.shape[0], packed.shape[1] * 8
+    if K % group_size:
+        raise ValueError(f"K={K} is not a multiple of group_size={group_size}; pad K (zero columns of x and W)")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the packed weight has K={K} (its last dim * 8)")
+    for name, t, ok in (("scales", scales, _X_DTYPES), ("zeros", zeros, _ZERO_DTYPES)):
+        if t.dtype not in ok:
+            raise TypeError(f"{name} must have dtype in {ok}, got {t.dtype}")
+        if tuple(t.shape) != (N, K // group_size):
+            raise ValueError(f"{name} must have shape (N, K // group_size) = {(N, K // group_size)}, "
+                             f"got {tuple(t.shape)}")
+    devices = {t.device for t in (x, packed, scales, zeros)}
+    if len(devices) > 1:
+        raise ValueError(f"x, packed, scales and zeros must be on one device, got {sorted(map(str, devices))}")
+    return N, K
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _unpack_nibbles(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K // 8] int32 words -> [ROWS, BLOCK_K] fp32 values 0..15 in K order."""
+    shifts = tl.arange(0, 8) * 4
+    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    # int -> float without a conversion instruction: 0x4B000000 is 2**23 in fp32 and OR-ing q into its mantissa
+    # gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)
+    q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return tl.reshape(q, (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    # the CPU interpreter (triton 3.9) multiplies bf16 bit patterns as integers; fp32 holds bf16 values exactly
+    if _UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """Program id -> (row tile, col tile), walking GROUP row tiles down every column, so that programs running
+    together share their tiles in L2."""
+    per_group = GROUP * num_cols
+    first = (pid // per_group) * GROUP
+    rows = tl.minimum(num_rows - first, GROUP)
+    return first + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+def _config(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+def _gemv_configs():
+    if _INTERPRET:
+        return [_config(4, 1, BLOCK_N=16, BLOCK_K=256)]
+    # [BLOCK_N, BLOCK_K] words per iteration: 4..32 rows of 128..512 contiguous bytes, many loads in flight
+    return [_config(w, 2, BLOCK_N=bn, BLOCK_K=bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
+
+
+def _distinct(configs):
+    seen = {}
+    for c in configs:
+        seen.setdefault((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages), c)
+    return list(seen.values())
+
+
+def _with(c, **kw):
+    return triton.Config({**c.kwargs, **kw}, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    # a K-step holds whole groups; the per-step tile is bounded so it stays in registers (sm_90 builds of
+    # BLOCK_M=4 spill above 8192 elements)
+    g, budget = kwargs["GROUP_SIZE"], 16384 // max(1, kwargs["BLOCK_M"] // 2)
+    keep = [_with(c, BLOCK_K=max(c.kwargs["BLOCK_K"], g)) for c in configs]
+    return _distinct(c for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                      M_BUCKET, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[:M, n-block] for M <= BLOCK_M <= 4 rows; each program streams BLOCK_N rows of W once, over all of K."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rw = tl.arange(0, BLOCK_K // 8)
+    rk = tl.arange(0, BLOCK_K)
+    rg = tl.arange(0, BLOCK_K // GROUP_SIZE)
+    n_ok, m_ok = rn < N, rm < M
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rw[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    sz_offs = rn[:, None] * stride_sn + rg[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:  # no K tail: masks constant along K, so the loads vectorize
+            w_ok, x_ok, sz_ok = n_ok[:, None], m_ok[:, None], n_ok[:, None]
+        else:
+            w_ok = n_ok[:, None] & (k0 + rw * 8 < K)[None, :]
+            x_ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+            sz_ok = n_ok[:, None] & (k0 + rg * GROUP_SIZE < K)[None, :]
+        words = tl.load(w_ptrs + k0 // 8, mask=w_ok, other=0)
+        q = tl.reshape(_unpack_nibbles(words, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+        s = tl.load(s_ptr + sz_offs + k0 // GROUP_SIZE, mask=sz_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_offs + k0 // GROUP_SIZE, mask=sz_ok, other=0.0).to(tl.float32)
+        xs = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            x = tl.sum(tl.where(rm[:, None] == m, xs, 0.0), axis=0)  # row m of the [BLOCK_M, BLOCK_K] x block
+            x = tl.reshape(x, (BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+            qx = tl.sum(q * x[None, :, :], axis=2)  # [BLOCK_N, groups]: sum of q * x within each group
+            part = tl.sum(s * (qx - z * tl.sum(x, axis=1)[None, :]), axis=1)
+            acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gemm_configs():
+    if _INTERPRET:  # two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+        return [_config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=sk) for sk in (1, 2)]
+    small = [_config(4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+             for bm in (16, 32) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages): Hopper-sized tiles, 128x128 and up with 8 warps
+    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+    large = [_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+             for bn, bm, bk, w, st in tiles for sk in (1, 2, 4)]
+    return small + large
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    bucket, g, K = named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["K"]
+    if _INTERPRET:
+        return [c for c in configs if (c.kwargs["SPLIT_K"] > 1) == (bucket <= 32)]
+
+    def fits(c):  # tiles sized to the M bucket; split K only at small M and with >= 2 K-steps per split
+        bm, bk, sk = c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], g), c.kwargs["SPLIT_K"]
+        m_ok = bm == max(16, bucket) if bucket <= 32 else 64 <= bm <= bucket
+        return m_ok and (sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
+    # BLOCK_K is clamped to the group size: one scale per row per K-step
+    return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"], reset_to_zero=["y_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, M_BUCKET,
+                      GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr = 8):
+    """A [BLOCK_N, BLOCK_M] tile of y.T = W @ x.T; program axis 1 splits K (atomic fp32 adds when SPLIT_K > 1).
+    BLOCK_K divides GROUP_SIZE, so a K-block has one scale and one zero per row, and K needs no mask."""
+    pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = rn < N, rm < M
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + tl.arange(0, BLOCK_K // 8)[None, :]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        words = tl.load(w_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
+        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+        w = ((_unpack_nibbles(words, BLOCK_N, BLOCK_K) - z[:, None]) * s[:, None]).to(x.dtype)
+        acc = _dot(w, tl.trans(x), acc, DOT_PRECISION)
+    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=n_ok[:, None] & m_ok[None, :], sem="relaxed")
+
+
+def _dx_configs():
+    if _INTERPRET:
+        return [_config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32)]
+    # (BLOCK_M, BLOCK_K, BLOCK_N, warps, stages); BLOCK_K <= group size keeps one scale column per program
+    tiles = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
+    return [_config(w, st, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn) for bm, bk, bn, w, st in tiles]
+
+
+def _prune_dx(configs, named_args, **kwargs):
+    bucket, g = named_args["M_BUCKET"], kwargs["GROUP_SIZE"]
+    return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs
+                     if c.kwargs["BLOCK_M"] <= max(bucket, 16))
+
+
+@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                 prune_configs_by={"early_config_prune": _prune_dx})
+@triton.jit
+def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, stride_dym, stride_wn, stride_sn, stride_dxm,
+                    M_BUCKET, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    """A [BLOCK_M, BLOCK_K] tile of dX = dY @ W, looping over N; W's words are read in the forward's layout."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rw = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    m_ok = rm < M
+    group = pid_k * BLOCK_K // GROUP_SIZE  # the one group column this K-block lies in
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        words = tl.load(w_ptr + rn[:, None] * stride_wn + rw[None, :], mask=n_ok[:, None], other=0)
+        s = tl.load(s_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = ((_unpack_nibbles(words, BLOCK_N, BLOCK_K) - z[:, None]) * s[:, None]).to(dy.dtype)
+        acc = _dot(dy, w, acc, DOT_PRECISION)
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _m_bucket(M):
+    """The M_BUCKET kernel argument: it only keys the autotuner (and its pruners), one tuning per power of two."""
+    return min(triton.next_power_of_2(M), 4096)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs follow torch's own matmul setting: exact fp32 unless TF32 was allowed
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _prepare(a, packed, scales, zeros):
+    if not (a.is_cuda or _INTERPRET):
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                         "imported); use backend='torch' or 'auto' on CPU")
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    return a, packed.contiguous(), scales.contiguous(), zeros.contiguous()
+
+
+def int4_matmul_triton(x, packed, scales, zeros, group_size):
+    """y = x @ W.T for a 2-D x (M, K), by the GEMV (M <= 4) or the GEMM kernel; no autograd."""
+    N, K = _check_args(x, packed, scales, zeros, group_size)
+    x, packed, scales, zeros = _prepare(x, packed, scales, zeros)
+    M = x.shape[0]
+    if M == 0:
+        return x.new_zeros(0, N)
+    bucket = _m_bucket(M)
+    if M <= GEMV_MAX_M:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+        _int4_gemv_kernel[grid](x, packed, scales, zeros, y, M, N, K, x.stride(0), packed.stride(0),
+                                scales.stride(0), y.stride(0), bucket,
+                                GROUP_SIZE=group_size, BLOCK_M=bucket)
+        return y
+    # split-K programs add into a zeroed fp32 buffer; large M stores straight into the output dtype
+    if bucket <= SPLIT_K_MAX_BUCKET:
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
+    _int4_gemm_kernel[grid](x, packed, scales, zeros, y, M, N, K, x.stride(0), packed.stride(0),
+                            scales.stride(0), y.stride(0), bucket,
+                            GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(x.dtype))
+    return y.to(x.dtype)
+
+
+def int4_matmul_dx_triton(dy, packed, scales, zeros, group_size):
+    """dX = dY @ W for a 2-D dY (M, N), in dY's dtype; no autograd."""
+    N, K = packed.shape[0], packed.shape[1] * 8
+    if dy.dim() != 2 or dy.shape[1] != N:
+        raise ValueError(f"dy must have shape (M, N={N}), got {tuple(dy.shape)}")
+    _check_args(dy.new_empty(0, K), packed, scales, zeros, group_size)
+    dy, packed, scales, zeros = _prepare(dy, packed, scales, zeros)
+    M = dy.shape[0]
+    dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
+    if M == 0:
+        return dx
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * (K // meta["BLOCK_K"]),)
+    _int4_dx_kernel[grid](dy, packed, scales, zeros, dx, M, N, K, dy.stride(0), packed.stride(0),
+                          scales.stride(0), dx.stride(0), _m_bucket(M),
+                          GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(dy.dtype))
+    return dx
+
+
+class Int4MatmulFunction(torch.autograd.Function):
+    """y = x @ W.T through the Triton kernels, gradient w.r.t. the 2-D x only (the weights are frozen buffers)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scales, zeros, group_size):
+        ctx.save_for_backward(packed, scales, zeros)
+        ctx.group_size = group_size
+        return int4_matmul_triton(x, packed, scales, zeros, group_size)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, scales, zeros = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = int4_matmul_dx_triton(dy, packed, scales, zeros, ctx.group_size)
+        return dx, None, None, None, None
+
+
+def int4_matmul(x, packed, scales, zeros, group_size, backend="auto"):
+    """y (..., N) = x (..., K) @ W.T in x's dtype, W from the packed int4 weight (see the module docstring).
+
+    backend: "triton" always runs the Triton kernels (on CPU only under TRITON_INTERPRET=1), "torch" the
+    dequantize-then-matmul reference, "auto" Triton for CUDA tensors and the reference elsewhere.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    N, K = _check_args(x, packed, scales, zeros, group_size)
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return int4_matmul_reference(x, packed, scales, zeros, group_size)
+    y = Int4MatmulFunction.apply(x.reshape(-1, K), packed, scales, zeros, group_size)
+    return y.view(*x.shape[:-1], N)
