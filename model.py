@@ -212,6 +212,8 @@ class GPT(nn.Module):
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("generate() needs at least one prompt, each with at least one token")
         B, T0 = len(rows), max(len(r) for r in rows)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if T0 + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds block_size "
                              f"{self.config.block_size}; ask for fewer new tokens")
@@ -342,9 +344,11 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; matched by substring of the device name
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10G": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in order by substring of the device
+# name (more specific names first). SXM figures: a PCIe card's lower clocks make its MFU read low.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 125e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device):

@@ -56,13 +56,13 @@ class TrainConfig:
     n_head: int = 4
     n_embd: int = 128
     rope_heads: int = 2             # heads that also use rotary positions (see model.py)
-    block_size: int = 256
+    block_size: int = 288
     dropout: float = 0.0
     bias: bool = True
     # optimisation
-    batch_size: int = 32            # rows per micro-batch per process
+    batch_size: int = 28            # rows per micro-batch per process
     grad_accum: int = 1             # micro-batches per step per process
-    max_iters: int = 3000           # length of the LR schedule
+    max_iters: int = 800            # length of the LR schedule
     stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -74,7 +74,7 @@ class TrainConfig:
     optim: str = "adamw"
     # evaluation and logging
     log_interval: int = 50
-    eval_interval: int = 500        # val loss + task accuracy; a checkpoint is saved at each
+    eval_interval: int = 400        # val loss + task accuracy; a checkpoint is saved at each
     eval_iters: int = 20
     eval_problems: int = 100        # test problems per level in periodic evaluations (untagged)
     final_problems: int = 200       # per level and style in the final evaluation
@@ -137,8 +137,10 @@ def parse_config(cls, argv):
                 values.update(tomllib.load(f))
         except FileNotFoundError:
             raise UserError(f"config file {path} not found")
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML: {str(e).splitlines()[0]}")
+        except IsADirectoryError:
+            raise UserError(f"config file {path} is a directory")
     values.update(given)
     for key in values:
         if key not in types:
@@ -160,7 +162,10 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+RESUME_KEYS = ("model", "model_config", "optimizer", "step", "config", "rng", "loader")
+
+
+def load_checkpoint(path, for_resume=False):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: check the path, or train one first with `python train.py`")
     if os.path.isdir(path):
@@ -177,37 +182,61 @@ def load_checkpoint(path):
         raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); use another file")
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise UserError(f"{path} is not a checkpoint of this trainer (no model/model_config inside)")
+    missing = [k for k in RESUME_KEYS if k not in ck] if for_resume else []
+    if missing:
+        raise UserError(f"{path} cannot be resumed (it lacks {', '.join(missing)}): use --init_from to start from it")
     return ck
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(device):
+    """This process's RNG states (CPU, Python, and its own CUDA device)."""
+    cuda = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
 
 
-def set_rng_state(s):
+def gather_rng_states(device, world):
+    """Every rank's RNG state, in rank order (each rank draws its own dropout masks)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def set_rng_state(states, rank, device):
+    if len(states) <= rank:  # resumed on more processes than saved: the new ranks start from fresh seeds
+        return
+    s = states[rank]
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(s["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- environment
 
 
-def setup_distributed():
-    """(rank, world_size, local_rank); initialises the process group when started by torchrun."""
+def setup_distributed(cfg):
+    """(rank, world_size, local_rank, device); initialises the process group when started by torchrun."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(cfg, local_rank)
     if "RANK" not in os.environ:
-        return 0, 1, 0
+        return 0, 1, 0, device
+    import datetime
     import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # before NCCL starts, so each rank owns its GPU
+    # rank 0 evaluates alone while the others wait: allow a long final evaluation
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
 
 
 def pick_device(cfg, local_rank=0):
     if cfg.device != "auto":
-        return cfg.device
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu or auto")
+        return f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device
     if torch.cuda.is_available():
         return f"cuda:{local_rank}"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -222,8 +251,10 @@ def autocast_for(device, dtype_name):
         dtype_name = "bfloat16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name == "float32":
         return nullcontext(), dtype_name
-    if dtype_name not in ("bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype_name!r}")
+    if dtype_name == "float16":
+        raise UserError("--dtype float16 would need loss scaling, which this trainer does not do: use bfloat16")
+    if dtype_name != "bfloat16":
+        raise UserError(f"--dtype must be auto, float32 or bfloat16, not {dtype_name!r}")
     return torch.autocast(dev, dtype=getattr(torch, dtype_name)), dtype_name
 
 
@@ -241,9 +272,14 @@ def dataset_dir(name):
 def ensure_dataset(cfg, master):
     """The dataset's meta; the built-in reasoning corpus is generated on first use (by the master process)."""
     d = dataset_dir(cfg.dataset)
-    if cfg.dataset == "reasoning" and not os.path.isfile(os.path.join(d, "meta.json")) and master:
+    if cfg.dataset == "reasoning" and master:
         from data.prepare import prepare_reasoning
-        prepare_reasoning(d)
+        from data.tasks import FORMAT_VERSION
+        path = os.path.join(d, "meta.json")
+        current = json.loads(json.dumps(asdict(TaskConfig())))
+        if not os.path.isfile(path) or load_meta(d).get("format_version") != FORMAT_VERSION \
+                or load_meta(d).get("task") != current:
+            prepare_reasoning(d)  # missing, or written by another version of data/tasks.py
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return d, load_meta(d)
@@ -273,29 +309,44 @@ def make_optimizer(model, cfg):
 @torch.no_grad()
 def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext()):
     """Greedy answers to the held-out test problems: one row per (level, style) with accuracy, mean generated
-    tokens, and (untagged) the share of answers that chose each style."""
+    tokens, and (untagged) the share of answers that chose each style. Prompts are batched by length, so no batch
+    needs padding (the fast path of generate())."""
     rows = []
     for level in task.levels:
         problems = held_out_problems(task, level, n_per_level)
         for style in styles:
             prompts = [tok.encode(prompt_text(p, style), bos=True) for p in problems]
-            budget = model.config.block_size - max(len(p) for p in prompts)
+            by_len = {}
+            for i, p in enumerate(prompts):
+                by_len.setdefault(len(p), []).append(i)
             correct, tokens, chosen = 0, 0, {s: 0 for s in STYLES}
-            for i in range(0, len(prompts), batch):
-                with ctx:
-                    out, lens = model.generate(prompts[i:i + batch], budget, temperature=0, eos_id=tok.eos_id)
-                for j, (row, n) in enumerate(zip(out.tolist(), lens.tolist())):
-                    text = tok.decode(row[:n - 1] if row[n - 1] == tok.eos_id else row[:n])
-                    full = f"[{style}]\n{text}" if style else text
-                    correct += check_answer(full, problems[i + j])
-                    tokens += n
-                    chosen[style_of(full) or "direct"] += style is None and style_of(full) is not None
+            for length, idx in by_len.items():
+                for c in range(0, len(idx), batch):
+                    part = idx[c:c + batch]
+                    with ctx:
+                        out, lens = model.generate([prompts[i] for i in part], model.config.block_size - length,
+                                                   temperature=0, eos_id=tok.eos_id)
+                    for i, row, n in zip(part, out.tolist(), lens.tolist()):
+                        text = decode_answer(tok, row[:n])
+                        full = f"[{style}]\n{text}" if style else text
+                        correct += check_answer(full, problems[i])
+                        tokens += n
+                        if style is None and style_of(full):
+                            chosen[style_of(full)] += 1
             r = dict(level=level, style=style or "untagged", n=len(problems), accuracy=correct / len(problems),
                      mean_tokens=tokens / len(problems))
             if style is None:
                 r["chose"] = {s: c / len(problems) for s, c in chosen.items()}
             rows.append(r)
     return rows
+
+
+def decode_answer(tok, ids):
+    """Text of generated ids up to the end token; ids past the tokenizer's vocabulary (a model whose embedding
+    table is padded, e.g. GPT-2's) are dropped."""
+    if tok.eos_id in ids:
+        ids = ids[:ids.index(tok.eos_id)]
+    return tok.decode([i for i in ids if i < tok.n_vocab])
 
 
 def summarize(rows):
@@ -316,6 +367,11 @@ def format_table(rows):
                      f"{r['mean_tokens']:>7.1f}")
     for style, s in summarize(rows).items():
         lines.append(f"{'all':>5} {style:>9} {s['n']:>4} {100 * s['accuracy']:>5.1f}% {s['mean_tokens']:>7.1f}")
+    untagged = [r for r in rows if "chose" in r]
+    if untagged:
+        n = sum(r["n"] for r in untagged)
+        chose = {s: sum(r["chose"][s] * r["n"] for r in untagged) / n for s in STYLES}
+        lines.append("untagged prompts chose: " + ", ".join(f"{s} {100 * v:.0f}%" for s, v in chose.items()))
     return "\n".join(lines)
 
 
@@ -326,9 +382,9 @@ def estimate_val_loss(model, tokens, cfg, meta, ctx, device):
     model.eval()
     losses = []
     for _ in range(cfg.eval_iters):
-        x, y = (t.to(device) for t in loader.next())
+        x, y, pos = (None if t is None else t.to(device) for t in loader.next())
         with ctx:
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y, pos=pos)[1].item())
     model.train()
     return float(np.mean(losses))
 
@@ -344,63 +400,97 @@ def make_loader(tokens, cfg, meta, seed, rank, world, name):
 # ----------------------------------------------------------------------------- the run
 
 
-def build_model(cfg, explicit, meta, device):
-    """(model, checkpoint or None). Resume and eval_only restore the saved config; init_from loads weights."""
-    ckpt = None
+POSITIVE = ("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval", "eval_iters",
+            "eval_problems", "final_problems", "n_layer", "n_head", "n_embd", "block_size")
+
+
+def check_config(cfg):
+    bad = [k for k in POSITIVE if getattr(cfg, k) < 1]
+    if bad:
+        raise UserError(f"--{bad[0]} must be at least 1, not {getattr(cfg, bad[0])}")
+    if cfg.stop_after and cfg.stop_after > cfg.max_iters:
+        raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), not {cfg.dropout}")
+
+
+def sync_model_fields(cfg, explicit, mc, source):
+    """Take the model's shape from a checkpoint or HF directory; a conflicting explicit flag is an error."""
+    for k in MODEL_FIELDS:
+        if k == "block_size":
+            continue
+        if k in explicit and getattr(cfg, k) != getattr(mc, k):
+            raise UserError(f"--{k} {getattr(cfg, k)} differs from {source}'s {getattr(mc, k)}; drop the flag")
+        setattr(cfg, k, getattr(mc, k))
+    if "block_size" in explicit and cfg.block_size > mc.block_size:
+        raise UserError(f"--block_size {cfg.block_size} exceeds {source}'s {mc.block_size} positions")
+    if "block_size" not in explicit:
+        cfg.block_size = mc.block_size
+
+
+def load_start(cfg, explicit):
+    """What the run starts from: (checkpoint dict or None, model from a HF directory or None)."""
     if cfg.resume:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    elif cfg.init_from and os.path.isfile(cfg.init_from):
-        ckpt = load_checkpoint(cfg.init_from)
-    elif cfg.init_from and os.path.isdir(cfg.init_from):
+        return load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), for_resume=True), None
+    if cfg.init_from and os.path.isdir(cfg.init_from):
         try:
-            return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout), None
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(str(e))
-    elif cfg.init_from:
-        raise UserError(f"--init_from {cfg.init_from}: no such checkpoint file or directory")
-    elif cfg.eval_only:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        except Exception as e:  # a missing file, a bad config.json, a corrupt tensor file: all the user's to fix
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"could not load {cfg.init_from} as a GPT-2 directory: {first}")
+        sync_model_fields(cfg, explicit, model.config, cfg.init_from)
+        return None, model
+    if cfg.init_from:
+        if not os.path.exists(cfg.init_from):
+            raise UserError(f"--init_from {cfg.init_from}: no such checkpoint file or directory")
+        return load_checkpoint(cfg.init_from), None
+    if cfg.eval_only:
+        return load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), None
+    return None, None
+
+
+def build_model(cfg, explicit, meta, ckpt, hf_model):
+    if hf_model is not None:
+        return hf_model
     if ckpt is not None:
         mc = config_from_dict(ckpt["model_config"])
-        for k in MODEL_FIELDS:
-            if k in explicit and getattr(cfg, k) != getattr(mc, k):
-                raise UserError(f"--{k} {getattr(cfg, k)} differs from the checkpoint's {getattr(mc, k)}; "
-                                f"drop the flag to use the checkpoint's model")
-            setattr(cfg, k, getattr(mc, k))
+        sync_model_fields(cfg, explicit, mc, "the checkpoint")
         mc.dropout = cfg.dropout
         model = GPT(mc)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}")
-        return model, ckpt
+        return model
     mc = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                    n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                    rope_heads=cfg.rope_heads)
     try:
-        return GPT(mc), None
+        return GPT(mc)
     except (ValueError, AssertionError) as e:
         raise UserError(f"bad model shape: {e}")
 
 
 def run(cfg, explicit):
-    rank, world, local_rank = setup_distributed()
-    master = rank == 0
+    check_config(cfg)
+    ckpt, hf_model = load_start(cfg, explicit)  # before anything is built or written
     if cfg.resume:  # the saved run's settings, with the flags given now on top
-        saved = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["config"]
+        saved = ckpt["config"]
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__},
-                             "stop_after": 0, "overwrite": False, "init_from": "",
+                             "stop_after": 0, "overwrite": False, "init_from": "", "resume": True,
                              **{k: getattr(cfg, k) for k in explicit}})
+        check_config(cfg)
+    elif ckpt is not None and "dataset" not in explicit and ckpt.get("dataset"):
+        cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     fresh = not (cfg.resume or cfg.eval_only)
     if fresh and os.path.exists(ckpt_path) and not cfg.overwrite:
         raise UserError(f"{ckpt_path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
                         f"or --overwrite to replace it")
-    if cfg.stop_after and cfg.stop_after > cfg.max_iters:
-        raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg, local_rank)
+    rank, world, local_rank, device = setup_distributed(cfg)
+    master = rank == 0
     ctx, dtype_name = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -410,13 +500,19 @@ def run(cfg, explicit):
         tok = load_tokenizer(meta["tokenizer"], data_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UserError(str(e))
-    model, ckpt = build_model(cfg, explicit, meta, device)
+    model = build_model(cfg, explicit, meta, ckpt, hf_model)
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the dataset's "
                         f"({meta['vocab_size']}): pick a dataset made with the model's tokenizer")
     model.to(device)
     task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["task"].items()}) \
         if meta.get("kind") == "reasoning" else None
+    if task is not None:
+        longest = max(len(tok.encode(prompt_text(p, s), bos=True)) for level in task.levels
+                      for p in held_out_problems(task, level, 20) for s in (None,) + STYLES)
+        if model.config.block_size <= longest + 8:
+            raise UserError(f"block_size {model.config.block_size} leaves no room to answer the test prompts "
+                            f"(up to {longest} tokens): use --block_size {longest + 232} or more")
     train_tokens, val_tokens = open_tokens(data_dir, "train", meta), open_tokens(data_dir, "val", meta)
     val_loader_check = make_loader(val_tokens, cfg, meta, 0, 0, 1, "val.bin")  # fails early if data too small
     del val_loader_check
@@ -428,9 +524,13 @@ def run(cfg, explicit):
     optimizer = make_optimizer(model, cfg)
     step = 0
     if ckpt is not None and cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            loader.load_state_dict(ckpt["loader"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"the checkpoint's optimizer or loader state does not fit this run ({e}); "
+                            f"resume with the flags it was saved with")
+        set_rng_state(ckpt["rng"], rank, device)
         step = ckpt["step"]
     raw_model = model
     if world > 1:
@@ -439,7 +539,8 @@ def run(cfg, explicit):
     if cfg.compile:
         model = torch.compile(model)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics = open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if cfg.resume else None) \
+        if master else None
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     if master:
         print(f"model {raw_model.get_num_params() / 1e6:.2f}M params | {device} {dtype_name} | world {world} | "
@@ -451,10 +552,11 @@ def run(cfg, explicit):
             metrics.flush()
 
     def checkpoint(step):
+        rngs = gather_rng_states(device, world)  # a collective: every rank takes part
         if master:
             save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                             step=step, config=asdict(cfg), model_config=asdict(raw_model.config),
-                                            rng=rng_state(), loader=loader.state_dict(), dataset=cfg.dataset))
+                                            rng=rngs, loader=loader.state_dict(), dataset=cfg.dataset))
 
     last = cfg.stop_after or cfg.max_iters
     t0, t_start, step0, t0_step = time.perf_counter(), time.perf_counter(), step, step
@@ -464,10 +566,10 @@ def run(cfg, explicit):
             g["lr"] = lr
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = (t.to(device) for t in loader.next())
+            x, y, pos = (None if t is None else t.to(device) for t in loader.next())
             sync = world == 1 or micro == cfg.grad_accum - 1
             with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y, pos=pos)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip:
@@ -497,25 +599,42 @@ def run(cfg, explicit):
                 msg = f"eval {step}: val loss {record['val_loss']:.4f}"
                 if task is not None:
                     rows = evaluate_reasoning(raw_model, tok, task, device, cfg.eval_problems, ctx=ctx)
-                    record["accuracy"] = summarize(rows)["untagged"]["accuracy"]
-                    record["by_level"] = {r["level"]: r["accuracy"] for r in rows}
-                    msg += f" | accuracy {100 * record['accuracy']:.1f}% " + " ".join(
-                        f"L{r['level']} {100 * r['accuracy']:.0f}%" for r in rows)
+                    total = summarize(rows)["untagged"]
+                    record.update(accuracy=total["accuracy"], mean_tokens=total["mean_tokens"],
+                                  by_level={r["level"]: dict(accuracy=r["accuracy"], mean_tokens=r["mean_tokens"])
+                                            for r in rows})
+                    msg += f" | accuracy {100 * total['accuracy']:.1f}% ({total['mean_tokens']:.0f} tokens) | " + \
+                        " ".join(f"L{r['level']} {100 * r['accuracy']:.0f}%/{r['mean_tokens']:.0f}" for r in rows)
                 print(msg, flush=True)
                 log(record)
             checkpoint(step)
             t0, t0_step = time.perf_counter(), step  # evaluation time is not training time
     if step == cfg.max_iters:
-        final_evaluation(raw_model, tok, task, cfg, meta, val_tokens, ctx, device, master)
+        result = final_evaluation(raw_model, tok, task, cfg, meta, val_tokens, ctx, device, master)
+        if master:
+            log(dict(step=step, final=True, val_loss=result["val_loss"], summary=result.get("summary")))
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def open_metrics(path, resume_step):
+    """metrics.jsonl for appending: a fresh run starts it anew; a resumed one keeps the records up to its step."""
+    if resume_step is not None and os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+        return open(path, "a")
+    return open(path, "w")
 
 
 def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master):
     if not master:
         return None
     model.eval()
+    t0 = time.perf_counter()
     result = dict(val_loss=estimate_val_loss(model, val_tokens, cfg, meta, ctx, device))
     print(f"final val loss {result['val_loss']:.4f}")
     if task is not None:
@@ -529,9 +648,11 @@ def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, maste
             prompt = tok.encode(prompt_text(p), bos=True)
             out, n = model.generate([prompt], model.config.block_size - len(prompt), temperature=0.8,
                                     eos_id=tok.eos_id, generator=gen)
-            text = tok.decode(out[0, :n[0]].tolist()).replace(tok.decode([tok.eos_id]), "")
+            text = decode_answer(tok, out[0, :n[0]].tolist())
             mark = "correct" if check_answer(text, p) else "wrong"
             print(f"--- {prompt_text(p).strip()} ({mark}, {int(n[0])} tokens)\n{text}")
+    result["eval_seconds"] = time.perf_counter() - t0
+    print(f"final evaluation took {result['eval_seconds']:.0f}s")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

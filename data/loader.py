@@ -22,8 +22,11 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"no dataset at {data_dir} (meta.json missing): run `python data/prepare.py` for it first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is corrupt: re-run `python data/prepare.py` for {data_dir}")
 
 
 def open_tokens(data_dir, split, meta):
@@ -31,8 +34,8 @@ def open_tokens(data_dir, split, meta):
     if not os.path.isfile(path):
         raise DataError(f"{path} is missing: re-run `python data/prepare.py` for {data_dir}")
     dtype = np.dtype(meta.get("dtype", "uint16"))
-    if os.path.getsize(path) % dtype.itemsize:
-        raise DataError(f"{path} is truncated (size is not a multiple of {dtype}): re-run data/prepare.py")
+    if os.path.getsize(path) == 0 or os.path.getsize(path) % dtype.itemsize:
+        raise DataError(f"{path} is empty or truncated: re-run data/prepare.py")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -42,6 +45,8 @@ def prompt_mask(tokens, bos_id, prompt_end_id):
     bos = np.flatnonzero(tokens == bos_id)
     ends = np.flatnonzero(tokens == prompt_end_id)
     delta = np.zeros(len(tokens) + 1, dtype=np.int32)
+    if len(bos) and not len(ends):
+        return np.ones(len(tokens), dtype=bool)  # no prompt ever ends: nothing to learn from
     if len(bos):
         k = np.searchsorted(ends, bos)  # first prompt end at or after each bos
         stop = np.where(k < len(ends), ends[np.minimum(k, len(ends) - 1)] + 1, len(tokens))
@@ -51,7 +56,8 @@ def prompt_mask(tokens, bos_id, prompt_end_id):
 
 
 class Batches:
-    """(x, y) batches of shape (batch_size, block_size); y is x shifted by one with masked targets set to -1."""
+    """(x, y, pos) batches of shape (batch_size, block_size); y is x shifted by one with masked targets set to -1;
+    pos gives each token's position in its document (doc-aligned rows) or is None (plain windows)."""
 
     def __init__(self, tokens, block_size, batch_size, seed, doc_aligned=False, bos_id=None, prompt_end_id=None,
                  rank=0, world_size=1, name="data"):
@@ -70,6 +76,7 @@ class Batches:
             self.ignore = prompt_mask(tokens, bos_id, prompt_end_id)
         else:
             self.starts, self.ignore = None, None
+        self.bos_id = bos_id
         self.rng = np.random.default_rng(seed)
         self.draws = 0
 
@@ -84,10 +91,14 @@ class Batches:
         picks = [self._draw_one() for _ in range(self.world)][self.rank]
         rows = np.stack([np.asarray(self.tokens[s:s + self.T + 1], dtype=np.int64) for s in picks])
         x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-        if self.ignore is not None:
-            ign = np.stack([self.ignore[s + 1:s + self.T + 1] for s in picks])
-            y[torch.from_numpy(ign)] = -1
-        return x, y
+        if self.ignore is None:
+            return x, y, None
+        ign = np.stack([self.ignore[s + 1:s + self.T + 1] for s in picks])
+        y[torch.from_numpy(ign)] = -1
+        # positions restart at every document, so each one is seen where evaluation puts it: at position 0
+        steps = np.arange(self.T)
+        starts = np.maximum.accumulate(np.where(rows[:, :-1] == self.bos_id, steps, 0), axis=1)
+        return x, y, torch.from_numpy(steps - starts)
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state, "draws": self.draws}

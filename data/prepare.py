@@ -22,8 +22,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.tasks import TaskConfig, make_examples  # noqa: E402
-from data.tokenizer import byte_tokenizer, gpt2_tokenizer, load_bpe, save_bpe, train_bpe  # noqa: E402
+from data.tasks import FORMAT_VERSION, TaskConfig, make_examples  # noqa: E402
+from data.tokenizer import byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, save_bpe, train_bpe  # noqa: E402
 
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,7 +70,8 @@ def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True):
     tok = byte_tokenizer()
     train = encode_documents(tok, make_examples(cfg, "train", cfg.train_examples))
     val = encode_documents(tok, make_examples(cfg, "val", cfg.val_examples))
-    meta = write_dataset(out_dir, train, val, tok, dict(kind="reasoning", task=asdict(cfg), prompt_end="\n"))
+    meta = write_dataset(out_dir, train, val, tok, dict(kind="reasoning", task=asdict(cfg), prompt_end="\n",
+                                                         format_version=FORMAT_VERSION))
     if verbose:
         print(f"reasoning corpus: {len(train):,} train / {len(val):,} val tokens -> {out_dir}")
     return meta
@@ -92,15 +93,17 @@ def prepare_text(input_path, out_dir, tokenizer="bytes", vocab_size=2048, val_fr
     elif tokenizer == "gpt2":
         tok = gpt2_tokenizer()
     elif tokenizer == "bpe":
-        os.makedirs(out_dir, exist_ok=True)
         ranks = train_bpe(text[:cut], vocab_size)  # merges learned on the train part only
-        save_bpe(os.path.join(out_dir, "bpe.tiktoken"), ranks)
-        tok = load_bpe(os.path.join(out_dir, "bpe.tiktoken"))
+        tok = bpe_tokenizer(ranks)  # in memory: nothing is written until every check has passed
     else:
         raise ValueError(f"unknown tokenizer {tokenizer!r}: choose bytes, bpe or gpt2")
     train, val = tok.encode(text[:cut]), tok.encode(text[cut:])
     if not train or not val:
         raise ValueError(f"{input_path} is too short to split into train and val: give more text")
+    if tokenizer == "bpe":
+        os.makedirs(out_dir, exist_ok=True)
+        save_bpe(os.path.join(out_dir, "bpe.tiktoken"), ranks)  # written atomically, like the rest
+        tok = load_bpe(os.path.join(out_dir, "bpe.tiktoken"))
     meta = write_dataset(out_dir, train, val, tok, dict(kind="text", source=os.path.abspath(input_path)))
     if verbose:
         print(f"{input_path}: {len(train):,} train / {len(val):,} val tokens ({tok.name}, vocab {tok.n_vocab}) "

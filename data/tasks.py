@@ -3,18 +3,19 @@
 Ideas it rests on:
 - Every problem has one checkable final answer, written on the last line as `answer: N`; `extract_answer` reads it.
 - Three answer styles for the same problem, chosen by a tag that opens the answer (`[direct]`, `[minimal]`,
-  `[verbose]`): the answer only; the column-by-column working a small model needs (least-significant digit first,
-  each line carrying the partial result so every step is a local copy); and that same working padded with
-  restatements and re-checks. Training draws the style from a mix that leans verbose, so a trained model spends
+  `[verbose]`): the problem restated with its result and nothing else; the column-by-column working a small model
+  needs (least-significant digit first, each line carrying the partial result and its carry out, so every step is
+  a local copy); and that same working, line for line, padded with restatements and re-checks. Training draws the style from a mix that leans verbose, so a trained model spends
   too many tokens by default; putting the tag in the prompt forces a style at evaluation time.
-- Train, validation and test problems never overlap: a problem's split is a stable hash of its operands.
+- Train, validation and test problems never overlap: a problem's split is a stable hash of its sorted operands
+  (so a+b and b+a always fall in the same split).
 
 Example (level 2, minimal style; the prompt is the first line):
 
     47+85
     [minimal]
-    7+5+0=12|2
-    4+8+1=13|32
+    7+5+0=12|2 c1
+    4+8+1=13|32 c1
     answer: 132
 """
 import hashlib
@@ -23,13 +24,14 @@ import re
 from dataclasses import dataclass
 
 STYLES = ("direct", "minimal", "verbose")
+FORMAT_VERSION = 3  # bump when the text of problems or answers changes: the built-in corpus is then rebuilt
 
 # level -> (number of operands, (min digits, max digits) per operand)
 LEVELS = {
     1: (2, (1, 1)),   # single-digit sums: answerable at a glance
     2: (2, (2, 2)),
     3: (2, (3, 4)),
-    4: (3, (2, 3)),   # multi-operand, multi-digit: needs the working
+    4: (3, (2, 2)),   # multi-operand, multi-digit: needs the working
 }
 SPLITS = {"test": (0, 30), "val": (30, 35), "train": (35, 100)}  # hash buckets out of 100
 _ANSWER_RE = re.compile(r"answer: (-?\d+)")
@@ -39,8 +41,8 @@ _ANSWER_RE = re.compile(r"answer: (-?\d+)")
 class TaskConfig:
     """How the reasoning corpus is generated (stored in meta.json so evaluation regenerates the same tests)."""
     levels: tuple = (1, 2, 3, 4)
-    level_weights: tuple = (0.1, 0.2, 0.3, 0.4)   # harder levels need more examples
-    style_mix: tuple = (0.15, 0.25, 0.6)          # direct, minimal, verbose: leans verbose on purpose
+    level_weights: tuple = (0.15, 0.2, 0.3, 0.35)  # harder levels need more examples
+    style_mix: tuple = (0.15, 0.3, 0.55)          # direct, minimal, verbose: leans verbose on purpose
     lsd_first: bool = True                        # working from the least-significant column (False: from the left)
     train_examples: int = 60_000
     val_examples: int = 2_000
@@ -60,7 +62,7 @@ class TaskConfig:
 
 def split_of(operands):
     """Which split a problem belongs to: a stable hash of its operands, the same on every machine."""
-    key = "+".join(map(str, operands)).encode()
+    key = "+".join(map(str, sorted(operands))).encode()  # a+b and b+a share a split: no leak by commuting
     bucket = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little") % 100
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
@@ -92,8 +94,9 @@ def sample_problems(level, split, n, rng, distinct=False):
             rng.shuffle(pool)
             return pool[:n]
         return [rng.choice(pool) for _ in range(n)]
-    out, seen = [], set()
-    while len(out) < n:
+    out, seen, tries = [], set(), 0
+    while len(out) < n and tries < 100 * n + 10_000:  # bounded: a split may hold fewer distinct problems than asked
+        tries += 1
         p = _draw_operands(level, rng)
         if split_of(p) != split or (distinct and p in seen):
             continue
@@ -121,7 +124,8 @@ def _columns(operands):
 
 
 def _working_lines(operands, lsd_first=True):
-    """One line per column, `d1+d2+carry_in=sum|partial result`, with the carry out of each column.
+    """One line per column, `d1+d2+carry_in=sum|partial result cCARRY_OUT`: the carry out closes the line, so the
+    next line reads its carry in from the same place every time.
     Least-significant column first by default; lsd_first=False writes the same lines from the most significant
     column, so each carry-in must be worked out before it is written (harder for a small model)."""
     cols = _columns(operands)
@@ -129,7 +133,7 @@ def _working_lines(operands, lsd_first=True):
     lines, partial = [], ""
     for digits, carry, s in order:
         partial = str(s % 10) + partial if lsd_first else partial + str(s % 10)
-        lines.append(("+".join(map(str, digits)) + f"+{carry}={s:02d}|{partial}", s // 10))
+        lines.append(("+".join(map(str, digits)) + f"+{carry}={s:02d}|{partial} c{s // 10}", s // 10))
     return lines
 
 
@@ -137,17 +141,18 @@ def answer_text(operands, style, lsd_first=True):
     """The answer in the given style, starting with its tag and ending with `answer: N` (no end token)."""
     total = sum(operands)
     tail = f"answer: {total}"
-    if style == "direct":
-        body = []
+    if style == "direct":  # the problem restated, then its result at once: no working
+        body = ["+".join(map(str, operands)) + f"={total}"]
     else:
         work = _working_lines(operands, lsd_first)
         if style == "minimal":
             body = [w for w, _ in work]
         elif style == "verbose":
+            # padding after the working, never before it: the working itself is the minimal one, line for line
             q = "+".join(map(str, operands))
-            body = [f"Add {' and '.join(map(str, operands))}, column by column."]
-            body += [f"{w}, carry {c}" for w, c in work]
+            body = [w for w, _ in work]
             body.append("Check: " + ", ".join(w.split("|")[0] + " ok" for w, _ in work))
+            body.append(f"We added {' and '.join(map(str, operands))} column by column.")
             body.append(f"So {q}={total}.")
         else:
             raise ValueError(f"unknown style {style!r}; choose from {STYLES}")

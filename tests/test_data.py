@@ -26,9 +26,17 @@ def test_every_style_ends_in_the_right_checkable_answer(level):
 
 
 def test_minimal_working_is_column_by_column_least_significant_first():
-    assert answer_text((47, 85), "minimal") == "[minimal]\n7+5+0=12|2\n4+8+1=13|32\nanswer: 132"
-    assert answer_text((47, 85), "minimal", lsd_first=False) == "[minimal]\n4+8+1=13|3\n7+5+0=12|32\nanswer: 132"
-    assert answer_text((9, 9), "direct") == "[direct]\nanswer: 18"
+    assert answer_text((47, 85), "minimal") == "[minimal]\n7+5+0=12|2 c1\n4+8+1=13|32 c1\nanswer: 132"
+    assert answer_text((47, 85), "minimal", lsd_first=False) == \
+        "[minimal]\n4+8+1=13|3 c1\n7+5+0=12|32 c1\nanswer: 132"
+    assert answer_text((9, 9), "direct") == "[direct]\n9+9=18\nanswer: 18"
+
+
+def test_verbose_is_the_minimal_working_plus_padding():
+    for ops in [(47, 85), (123, 45, 999), (3, 5)]:
+        minimal = answer_text(ops, "minimal").splitlines()[1:-1]
+        verbose = answer_text(ops, "verbose").splitlines()
+        assert verbose[1:1 + len(minimal)] == minimal
 
 
 def test_verbose_costs_far_more_tokens_than_minimal_working():
@@ -48,12 +56,18 @@ def test_extract_answer_takes_the_last_answer_and_none_without_one():
 
 def test_splits_never_overlap_and_are_stable():
     cfg = TaskConfig()
-    train = {p for p, _ in make_examples(cfg, "train", 3000)}
-    val = {p for p, _ in make_examples(cfg, "val", 500)}
-    test = {prompt_text(p) for level in LEVELS for p in held_out_problems(cfg, level)}
+    ops = lambda prompt: tuple(sorted(map(int, prompt.strip().split("+"))))  # a+b and b+a are one problem
+    train = {ops(p) for p, _ in make_examples(cfg, "train", 3000)}
+    val = {ops(p) for p, _ in make_examples(cfg, "val", 500)}
+    test = {ops(prompt_text(p)) for level in LEVELS for p in held_out_problems(cfg, level)}
     assert not (train & val) and not (train & test) and not (val & test)
     assert split_of((47, 85)) == split_of((47, 85))
     assert all(split_of(p) == "test" for p in held_out_problems(cfg, 2))
+
+
+def test_distinct_sampling_stops_when_the_split_runs_out():
+    assert len(sample_problems(1, "test", 500, random.Random(0), distinct=True)) < 100
+    assert len(sample_problems(2, "test", 4000, random.Random(0), distinct=True)) < 4000  # 90*90 pairs, 30% test
 
 
 def test_level_one_test_set_is_every_held_out_single_digit_pair():
@@ -98,8 +112,9 @@ def test_prompt_mask_covers_bos_through_the_question_line():
 def test_doc_aligned_rows_start_at_bos_and_mask_prompt_targets():
     tok, ids = doc_stream()
     b = Batches(ids, 16, 8, seed=0, doc_aligned=True, bos_id=tok.bos_id, prompt_end_id=ord("\n"))
-    x, y = b.next()
+    x, y, pos = b.next()
     assert (x[:, 0] == tok.bos_id).all()
+    assert (pos[x == tok.bos_id] == 0).all() and (pos[:, 1] == 1).all()
     for row_x, row_y in zip(x, y):
         text = tok.decode(row_x.tolist())
         n_prompt = text.index("\n") + 1 - len("<|bos|>") + 1  # bos + question + newline, in tokens
@@ -125,7 +140,7 @@ def test_loader_state_restores_the_same_batches():
     want = [a.next() for _ in range(3)]
     b = mk()
     b.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(want, [b.next() for _ in range(3)]):
+    for (x1, y1, _), (x2, y2, _) in zip(want, [b.next() for _ in range(3)]):
         assert (x1 == x2).all() and (y1 == y2).all()
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 from data.prepare import prepare_reasoning, prepare_text
@@ -86,6 +87,47 @@ def test_resume_is_bitwise_exact(corpus, tmp_path):
     a, b = losses(straight), losses(split)
     assert list(a) == list(range(1, 9)) and a == b  # fp32 on CPU: identical to the last bit
     assert "final val loss" in p.stdout and "untagged" in p.stdout
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (straight, split))
+    assert ca["step"] == cb["step"] == 8
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_log_lines_and_metrics_carry_what_researchers_compare(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    p = run_cli(TINY + ["--dataset", corpus, "--max_iters", "4", "--eval_interval", "2", "--out_dir", out])
+    assert p.returncode == 0, p.stderr
+    step_lines = [line for line in p.stdout.splitlines() if line.startswith("step")]
+    assert step_lines and all(f in step_lines[-1] for f in ("loss", "lr", "ms/step", "tok/s", "mfu", "peak", "eta"))
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in records if "accuracy" in r]
+    assert [r["step"] for r in evals] == [2]  # the last step's evaluation is the final one
+    assert set(evals[0]["by_level"]["1"]) == {"accuracy", "mean_tokens"}
+    final = [r for r in records if r.get("final")]
+    assert len(final) == 1 and "untagged" in final[0]["summary"]
+    # a second, fresh run (--overwrite) starts its metrics anew
+    p = run_cli(TINY + ["--dataset", corpus, "--max_iters", "2", "--out_dir", out, "--overwrite"])
+    assert p.returncode == 0, p.stderr
+    assert max(r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))) == 2
+
+
+def test_init_from_a_local_hf_gpt2_directory(corpus, tmp_path):
+    from test_model import hf_state_dict, write_safetensors
+    from model import GPT, GPTConfig
+    src = GPT(GPTConfig(block_size=128, vocab_size=300, n_layer=1, n_head=2, n_embd=32))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(vocab_size=300, n_positions=128, n_layer=1, n_head=2, n_embd=32)))
+    write_safetensors(hf / "model.safetensors", hf_state_dict(src))
+    p = run_cli(TINY + ["--dataset", corpus, "--init_from", str(hf), "--max_iters", "2",
+                        "--out_dir", str(tmp_path / "ft")])
+    assert p.returncode == 0, p.stderr
+    ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ck["model_config"]["vocab_size"] == 300 and ck["config"]["block_size"] == 96
+    assert_one_line_error(run_cli(TINY + ["--dataset", corpus, "--init_from", str(hf), "--n_layer", "3",
+                                          "--out_dir", str(tmp_path / "x")]), "--n_layer")
 
 
 def test_ddp_two_processes_match_one_process_with_double_accumulation(corpus, tmp_path):
@@ -140,6 +182,7 @@ def test_missing_checkpoint_is_a_one_line_error(saved_run, tmp_path):
     assert_one_line_error(run_cli(["--resume", "--out_dir", str(tmp_path / "nothing")]), "no checkpoint")
     assert_one_line_error(run_cli(["--init_from", str(tmp_path / "nope.pt"), "--out_dir", saved_run,
                                    "--eval_only"]), "no such checkpoint")
+    assert_one_line_error(run_cli(["--resume", "--out_dir", saved_run, "--n_layer", "3"]), "--n_layer")
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(saved_run, tmp_path):
@@ -169,6 +212,11 @@ def test_checkpoint_that_would_run_code_is_refused(saved_run, tmp_path):
 def test_missing_dataset_is_a_one_line_error(saved_run, tmp_path):
     assert_one_line_error(run_cli(["--dataset", str(tmp_path / "none"), "--out_dir", str(tmp_path / "o")]),
                           "prepare.py")
+
+
+def test_block_size_too_small_to_answer_is_a_one_line_error(corpus, tmp_path):
+    p = run_cli(TINY + ["--dataset", corpus, "--block_size", "16", "--out_dir", str(tmp_path / "o")])
+    assert_one_line_error(p, "block_size")
 
 
 def test_block_size_beyond_the_data_is_a_one_line_error(saved_run, tmp_path):
