@@ -62,7 +62,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 28            # rows per micro-batch per process
     grad_accum: int = 1             # micro-batches per step per process
-    max_iters: int = 800            # length of the LR schedule
+    max_iters: int = 1000           # length of the LR schedule
     stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -74,7 +74,7 @@ class TrainConfig:
     optim: str = "adamw"
     # evaluation and logging
     log_interval: int = 50
-    eval_interval: int = 400        # val loss + task accuracy; a checkpoint is saved at each
+    eval_interval: int = 500        # val loss + task accuracy; a checkpoint is saved at each
     eval_iters: int = 20
     eval_problems: int = 100        # test problems per level in periodic evaluations (untagged)
     final_problems: int = 200       # per level and style in the final evaluation
