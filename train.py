@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from data.loader import Batches, DataError, load_meta, open_tokens
-from data.tasks import STYLES, TaskConfig, check_answer, prompt_text, style_of, held_out_problems
+from data.tasks import STYLES, TaskConfig, check_answer, held_out_problems, prompt_text
 from data.tokenizer import load_tokenizer
+from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
 from model import GPT, GPTConfig, config_from_dict
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -304,75 +305,6 @@ def make_optimizer(model, cfg):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext()):
-    """Greedy answers to the held-out test problems: one row per (level, style) with accuracy, mean generated
-    tokens, and (untagged) the share of answers that chose each style. Prompts are batched by length, so no batch
-    needs padding (the fast path of generate())."""
-    rows = []
-    for level in task.levels:
-        problems = held_out_problems(task, level, n_per_level)
-        for style in styles:
-            prompts = [tok.encode(prompt_text(p, style), bos=True) for p in problems]
-            by_len = {}
-            for i, p in enumerate(prompts):
-                by_len.setdefault(len(p), []).append(i)
-            correct, tokens, chosen = 0, 0, {s: 0 for s in STYLES}
-            for length, idx in by_len.items():
-                for c in range(0, len(idx), batch):
-                    part = idx[c:c + batch]
-                    with ctx:
-                        out, lens = model.generate([prompts[i] for i in part], model.config.block_size - length,
-                                                   temperature=0, eos_id=tok.eos_id)
-                    for i, row, n in zip(part, out.tolist(), lens.tolist()):
-                        text = decode_answer(tok, row[:n])
-                        full = f"[{style}]\n{text}" if style else text
-                        correct += check_answer(full, problems[i])
-                        tokens += n
-                        if style is None and style_of(full):
-                            chosen[style_of(full)] += 1
-            r = dict(level=level, style=style or "untagged", n=len(problems), accuracy=correct / len(problems),
-                     mean_tokens=tokens / len(problems))
-            if style is None:
-                r["chose"] = {s: c / len(problems) for s, c in chosen.items()}
-            rows.append(r)
-    return rows
-
-
-def decode_answer(tok, ids):
-    """Text of generated ids up to the end token; ids past the tokenizer's vocabulary (a model whose embedding
-    table is padded, e.g. GPT-2's) are dropped."""
-    if tok.eos_id in ids:
-        ids = ids[:ids.index(tok.eos_id)]
-    return tok.decode([i for i in ids if i < tok.n_vocab])
-
-
-def summarize(rows):
-    """Accuracy and mean tokens over all problems of each style."""
-    out = {}
-    for style in dict.fromkeys(r["style"] for r in rows):
-        rs = [r for r in rows if r["style"] == style]
-        n = sum(r["n"] for r in rs)
-        out[style] = dict(accuracy=sum(r["accuracy"] * r["n"] for r in rs) / n,
-                          mean_tokens=sum(r["mean_tokens"] * r["n"] for r in rs) / n, n=n)
-    return out
-
-
-def format_table(rows):
-    lines = [f"{'level':>5} {'style':>9} {'n':>4} {'acc':>6} {'tokens':>7}"]
-    for r in rows:
-        lines.append(f"{r['level']:>5} {r['style']:>9} {r['n']:>4} {100 * r['accuracy']:>5.1f}% "
-                     f"{r['mean_tokens']:>7.1f}")
-    for style, s in summarize(rows).items():
-        lines.append(f"{'all':>5} {style:>9} {s['n']:>4} {100 * s['accuracy']:>5.1f}% {s['mean_tokens']:>7.1f}")
-    untagged = [r for r in rows if "chose" in r]
-    if untagged:
-        n = sum(r["n"] for r in untagged)
-        chose = {s: sum(r["chose"][s] * r["n"] for r in untagged) / n for s in STYLES}
-        lines.append("untagged prompts chose: " + ", ".join(f"{s} {100 * v:.0f}%" for s, v in chose.items()))
-    return "\n".join(lines)
 
 
 @torch.no_grad()
