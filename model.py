@@ -50,7 +50,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.rope_heads = config.rope_heads
 
     def forward(self, x, rope=None, cache=None, mask=None):
         B, T, C = x.size()

@@ -446,8 +446,7 @@ def run(cfg, explicit):
             raise UserError(f"block_size {model.config.block_size} leaves no room to answer the test prompts "
                             f"(up to {longest} tokens): use --block_size {longest + 232} or more")
     train_tokens, val_tokens = open_tokens(data_dir, "train", meta), open_tokens(data_dir, "val", meta)
-    val_loader_check = make_loader(val_tokens, cfg, meta, 0, 0, 1, "val.bin")  # fails early if data too small
-    del val_loader_check
+    make_loader(val_tokens, cfg, meta, 0, 0, 1, "val.bin")  # raises now if val.bin is too small
 
     if cfg.eval_only:
         return final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master)
@@ -520,10 +519,11 @@ def run(cfg, explicit):
             tps = tokens_per_step / dt
             mfu = raw_model.estimate_mfu(tps / world, cfg.block_size, device)
             eta = (last - step) * (time.perf_counter() - t_start) / (step - step0)
+            peak = peak_memory_mb(device)
             print(f"step {step:>5}/{last} | loss {loss_avg:.4f} | lr {lr:.2e} | {1e3 * dt:.0f} ms/step | "
                   f"{tps:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                  f"peak {peak_memory_mb(device):.0f} MiB | eta {eta:.0f}s", flush=True)
-            log(dict(step=step, ms_per_step=1e3 * dt, tokens_per_s=tps, mfu=mfu, peak_mb=peak_memory_mb(device)))
+                  f"peak {peak:.0f} MiB | eta {eta:.0f}s", flush=True)
+            log(dict(step=step, ms_per_step=1e3 * dt, tokens_per_s=tps, mfu=mfu, peak_mb=peak))
             t0, t0_step = time.perf_counter(), step
         if step % cfg.eval_interval == 0 or step == last:
             if master and step != cfg.max_iters:
