@@ -281,5 +281,241 @@ def bench_matmul(args):
     return rows
 
 
+@section("qat")
+def bench_qat(args):
+    """QAT overhead: a training step (forward, backward, AdamW) with fake-quant linears against the float step on
+    the same model and batch; the steps alternate, so drift on a shared machine hits both alike."""
+    import copy
+    import quant
+    from model import GPT
+    cfg, batch = default_model_config()
+    specs = ("w4g32", "w4a8g32", "w4g32-lsq")
+    if args.quick:
+        cfg.n_layer, batch, specs = 1, 4, ("w4g32",)
+    cuda = args.device.startswith("cuda")
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(0)
+    base = GPT(cfg).to(args.device)
+    models = {"float": base, **{s: quant.quantize_(copy.deepcopy(base), s) for s in specs}}
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
+
+    def make_step(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with ctx:
+                _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    steps = {k: make_step(m) for k, m in models.items()}
+    times = {k: [] for k in steps}
+    for r in range(1 + (3 if args.quick else 10)):  # round 0 is the untimed warm-up
+        for k, step in steps.items():
+            t = median_time(step, args.device, warmup=0, iters=1)
+            if r:
+                times[k].append(t)
+    t_float = statistics.median(times["float"])
+    rows = []
+    for s in specs:
+        t = statistics.median(times[s])
+        rows.append(row("qat", f"{s} fake-quant step vs float step ({batch}x{cfg.block_size} tokens)", 1e3 * t,
+                        1e3 * t_float, "ms", higher_is_better=False, overhead=t / t_float))
+    return rows
+
+
+@section("memory")
+def bench_memory(args):
+    """Activation checkpointing and the chunked loss, on and off in the same run, for a GPT-2-small-shaped model at
+    1024 tokens a row (vocab 50257): one training step's peak memory and tokens/s for each option, then the two
+    parts they shrink, measured alone: the loss step (lm_head + cross-entropy, forward and backward) and the
+    blocks' activation memory (the peak of a forward and backward over weights, gradients and optimizer state,
+    with gradients already allocated and the tied embedding frozen, so what is left is activations). Memory is
+    the peak of live tensors over those already resident: the CUDA allocator's, or on CPU counted at the
+    dispatcher (memory.TensorPeak); on CPU the growth of the process's peak RSS is reported beside it (rss_mib).
+    Times are medians of steps that alternate between the options, so drift on a shared machine hits all alike."""
+    import memory
+    from kernels import linear_cross_entropy
+    from model import GPT, GPTConfig
+    import torch.nn.functional as F
+    dev, cuda, s = args.device, args.device.startswith("cuda"), "memory"
+    cfg = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+    batch, rounds = (8 if cuda else 1), (5 if cuda else 2)
+    if args.quick:
+        cfg, rounds = GPTConfig(block_size=256, vocab_size=8192, n_layer=2, n_head=4, n_embd=128), 1
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    shape = f"{cfg.n_layer}x{cfg.n_embd}, vocab {cfg.vocab_size}, {batch}x{cfg.block_size} tokens"
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+
+    def measure(fn, resident):
+        """(peak MiB of tensors over the resident ones, peak RSS growth in MiB on CPU) of one call of fn."""
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, None
+        rss0 = memory.reset_rss_peak()
+        with memory.TensorPeak(resident) as tp:
+            start = tp.now
+            fn()
+        return (tp.peak - start) / 2 ** 20, memory.rss_peak_mb() - rss0
+
+    def timed(fns):
+        """Median seconds per call of each fn, calls alternating; one untimed round first."""
+        times = {k: [] for k in fns}
+        for r in range(rounds + 1):
+            for k, fn in fns.items():
+                t = median_time(fn, dev, warmup=0, iters=1)
+                if r:
+                    times[k].append(t)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    # a training step as train.py takes it, with each option
+    options = {"plain": (0, False), "grad_ckpt": (1, False), "chunked_loss": (0, True), "both": (1, True)}
+    model = GPT(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def train_step(every, chunked):
+        def step():
+            model.grad_ckpt_every = every
+            with ctx:
+                loss = model(x, x, loss_fn=linear_cross_entropy if chunked else None)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    steps = {k: train_step(*v) for k, v in options.items()}
+    steps["plain"]()  # the optimizer's state exists from here on
+    resident = [*model.parameters(), *(t for st in opt.state.values() for t in st.values())]
+    peaks = {k: measure(fn, resident) for k, fn in steps.items()}
+    times = timed(steps)
+    rows = []
+    for k in ("grad_ckpt", "chunked_loss", "both"):
+        rows.append(row(s, f"train step peak memory, {k} vs plain ({shape})", peaks[k][0], peaks["plain"][0],
+                        "MiB", higher_is_better=False, rss_mib=peaks[k][1], plain_rss_mib=peaks["plain"][1]))
+        rows.append(row(s, f"train step tokens/s, {k} vs plain", x.numel() / times[k], x.numel() / times["plain"],
+                        "tok/s", step_time_ratio=times[k] / times["plain"]))
+    opt.state.clear()  # its memory is not needed below
+
+    # the loss step alone: lm_head + cross-entropy on the final hidden states, forward and backward
+    w = model.lm_head.weight
+    h = torch.randn(batch * cfg.block_size, cfg.n_embd, device=dev, requires_grad=True)
+    t = x.view(-1)
+
+    def loss_step(chunked):
+        def step():
+            w.grad = h.grad = None
+            with ctx:
+                loss = linear_cross_entropy(h, w, t) if chunked else F.cross_entropy(F.linear(h, w).float(), t)
+            loss.backward()
+            w.grad = h.grad = None
+        return step
+    loss_steps = {"full": loss_step(False), "chunked": loss_step(True)}
+    peaks = {k: measure(fn, [*model.parameters(), h]) for k, fn in loss_steps.items()}
+    times = timed(loss_steps)
+    rows.append(row(s, f"loss step peak memory, chunked vs full logits ({batch * cfg.block_size} x "
+                       f"{cfg.vocab_size})", peaks["chunked"][0], peaks["full"][0], "MiB", higher_is_better=False,
+                    rss_mib=peaks["chunked"][1], full_rss_mib=peaks["full"][1]))
+    rows.append(row(s, "loss step time, chunked vs full logits", 1e3 * times["chunked"], 1e3 * times["full"], "ms",
+                    higher_is_better=False))
+
+    # the blocks' activations: gradients kept allocated, embedding frozen, a fixed gradient on the hidden states
+    w.requires_grad_(False)
+    g = torch.randn(batch, cfg.block_size, cfg.n_embd, device=dev)
+
+    def trunk_step(every):
+        def step():
+            model.grad_ckpt_every = every
+            with ctx:
+                model(x, x, loss_fn=lambda hidden, weight, targets: (hidden.float() * g).sum())[1].backward()
+        return step
+    trunk = {"plain": trunk_step(0), "grad_ckpt": trunk_step(1)}
+    trunk["plain"]()  # allocates the gradients, which stay
+    resident = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    peaks = {k: measure(fn, resident) for k, fn in trunk.items()}
+    times = timed(trunk)
+    rows.append(row(s, f"activation memory of the {cfg.n_layer} blocks, grad_ckpt vs plain", peaks["grad_ckpt"][0],
+                    peaks["plain"][0], "MiB", higher_is_better=False, rss_mib=peaks["grad_ckpt"][1],
+                    plain_rss_mib=peaks["plain"][1]))
+    rows.append(row(s, "blocks forward + backward time, grad_ckpt vs plain", 1e3 * times["grad_ckpt"],
+                    1e3 * times["plain"], "ms", higher_is_better=False))
+    return rows
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@section("adam")
+def bench_adam(args):
+    """optim.AdamW8bit against torch.optim.AdamW (foreach and fused) on the same 25M-parameter set (an 8192x1024
+    embedding and 16 Linear(1024, 1024)), and on CUDA also a 1.07B set (32 x 8192x4096) against fused: median
+    step time (the optimizers' steps alternate, so drift on a shared machine hits all alike), state bytes per
+    parameter, and the memory the step itself adds, i.e. its peak over what was resident before it (CUDA
+    allocator; on CPU the process's peak RSS over its RSS), also in units of the largest tensor's fp32 size."""
+    cuda = args.device.startswith("cuda")
+    sets = [("25M", [(8192, 1024)] + [(1024, 1024), (1024,)] * 16, ("foreach", "fused"))]
+    if args.quick:
+        sets = [("quick", [(1024, 256)] + [(256, 256), (256,)] * 4, ("foreach", "fused"))]
+    elif cuda:
+        sets.append(("1B", [(8192, 4096)] * 32, ("fused",)))
+    rows = []
+    for name, shapes, baselines in sets:
+        rows += _bench_adam_set(args, name, shapes, baselines)
+    return rows
+
+
+def _bench_adam_set(args, name, shapes, baselines):
+    import optim
+    dev, s = args.device, "adam"
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter((0.02 * torch.randn(shape, device=dev)) if len(shape) > 1 else
+                                 torch.zeros(shape, device=dev)) for shape in shapes]
+    for p in params:
+        p.grad = 1e-3 * torch.randn_like(p)
+    n = sum(p.numel() for p in params)
+    largest = max(p.numel() for p in params) * 4 / 2 ** 20  # MiB of the largest tensor in fp32
+    opts = {"ours": optim.AdamW8bit(params, lr=1e-4)}
+    opts.update({k: torch.optim.AdamW(params, lr=1e-4, **{k: True}) for k in baselines})
+    for opt in opts.values():  # creates the state
+        opt.step()
+    growth = {}
+    for k, opt in opts.items():
+        sync(dev)
+        if dev.startswith("cuda"):
+            base = torch.cuda.memory_allocated()
+            reset_peak_memory(dev)
+            opt.step()
+            growth[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        else:
+            base = _rss_mb()
+            reset_peak_memory(dev)
+            opt.step()
+            growth[k] = peak_memory_mb(dev) - base
+    times = {k: [] for k in opts}
+    for _ in range(2 if args.quick else 7):
+        for k, opt in opts.items():
+            times[k].append(median_time(opt.step, dev, warmup=0, iters=1))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    state = {k: sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t)) / n
+             for k, opt in opts.items()}
+    shape = f"{n / 1e6:.1f}M params in {len(params)} tensors"
+    rows = [row(s, f"{name}: step time vs AdamW {k}" + (f" ({shape})" if i == 0 else ""), ms["ours"], ms[k], "ms",
+                higher_is_better=False) for i, k in enumerate(baselines)]
+    rows.append(row(s, f"{name}: state bytes per parameter vs AdamW", state["ours"], state[baselines[0]], "B/param",
+                    higher_is_better=False))
+    for k in baselines:
+        rows.append(row(s, f"{name}: memory added by a step vs AdamW {k}", growth["ours"], growth[k], "MiB",
+                        higher_is_better=False, largest_tensor_copies=growth["ours"] / largest,
+                        baseline_largest_tensor_copies=growth[k] / largest,
+                        measured="CUDA allocator" if dev.startswith("cuda") else "peak RSS over RSS"))
+    del opts, params
+    return rows
+
 if __name__ == "__main__":
     main()

@@ -406,3 +406,231 @@ def int4_matmul(x, packed, scales, zeros, group_size, backend="auto"):
         return int4_matmul_reference(x, packed, scales, zeros, group_size)
     y = Int4MatmulFunction.apply(x.reshape(-1, K), packed, scales, zeros, group_size)
     return y.view(*x.shape[:-1], N)
+
+
+
+# ---- chunked linear cross-entropy
+# loss = cross_entropy(h @ W.T, targets) without the (tokens x vocab) logits: rows go through in chunks; each chunk's
+# logits are made, turned in place into d loss / d logits by one kernel (softmax minus one-hot, times 1 / n_valid),
+# and folded at once into d h (chunk @ W) and d W (chunk.T @ h). The gradients are thus finished in the forward and
+# kept for backward, which only scales them by the incoming gradient. The idea of Liger-Kernel's fused linear
+# cross-entropy; peak memory is one chunk of logits on top of d W, which any method needs.
+
+LCE_IGNORE_INDEX = -1
+
+
+@triton.jit
+def _softmax_loss_grad_kernel(z_ptr, t_ptr, loss_ptr, stride_row, V, scale, ignore_index, BLOCK_V: tl.constexpr):
+    """One row z of logits: loss = logsumexp(z) - z[t]; z is overwritten with scale * (softmax(z) - onehot(t)), and
+    with zeros (loss 0) where t == ignore_index. Two passes: an online max and sum of exp, then the gradient."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_row
+    t = tl.load(t_ptr + row)
+    ignored = t == ignore_index
+    m = float("-inf")
+    s = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_t = tl.load(z_row + tl.where(ignored, 0, t)).to(tl.float32)  # read before the row is overwritten
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_t))
+    w = tl.where(ignored, 0.0, scale)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        g = (tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0)) * w
+        tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+
+def softmax_loss_grad_triton(logits, targets, scale, ignore_index=LCE_IGNORE_INDEX):
+    """Per-row losses (fp32); logits (rows, V), row-contiguous, become d loss / d logits in place."""
+    if not (logits.is_cuda or _INTERPRET):
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch'")
+    rows, V = logits.shape
+    assert logits.stride(1) == 1, "logits rows must be contiguous"
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        block = min(triton.next_power_of_2(V), 64 if _INTERPRET else 8192)  # small under the interpreter: tails
+        _softmax_loss_grad_kernel[(rows,)](logits, targets.contiguous(), loss, logits.stride(0), V, float(scale),
+                                          ignore_index, BLOCK_V=block, num_warps=1 if _INTERPRET else 16)
+    return loss
+
+
+def softmax_loss_grad_torch(logits, targets, scale, ignore_index=LCE_IGNORE_INDEX):
+    """The reference and CPU path of softmax_loss_grad_triton, in place on fp32 logits (no (rows, V) temporary)."""
+    z = logits.float()  # the same tensor when logits are fp32
+    ignored = targets == ignore_index
+    t = targets.masked_fill(ignored, 0)[:, None]
+    z_t = z.gather(1, t).squeeze(1)
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m).exp_()
+    s = z.sum(dim=1, keepdim=True)
+    z.div_(s)  # softmax
+    loss = (m + s.log()).squeeze(1) - z_t
+    z.scatter_add_(1, t, torch.full_like(z_t, -1.0)[:, None])
+    z.mul_(torch.where(ignored, 0.0, scale)[:, None])
+    if z is not logits:
+        logits.copy_(z)
+    return loss.masked_fill(ignored, 0.0)
+
+
+def lce_chunk_rows(n_rows, n_embd):
+    """Rows per chunk: a chunk's logits hold at most a quarter as many numbers as W (V x C), so d W dominates the
+    loss step's memory, but at least n_rows / 16, so that a large batch runs in few, large matmuls."""
+    quarter = 1 << max(4, (max(1, n_embd // 4)).bit_length() - 1)
+    return max(quarter, triton.next_power_of_2(max(1, -(-n_rows // 16))))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """mean cross-entropy of h @ W.T over the rows whose target is not ignore_index; 2-D h (N, C), W (V, C)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, ignore_index, backend, dtype, grad_enabled):
+        N, C = h.shape
+        hc, wc = h.to(dtype), weight.to(dtype)  # the autocast dtype (no copy when it is already theirs)
+        valid = targets != ignore_index
+        bad = valid & ((targets < 0) | (targets >= weight.shape[0]))
+        n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()  # one device sync for both
+        if n_bad:
+            raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+        scale = 1.0 / max(n_valid, 1)
+        # (needs_input_grad is True even under no_grad, so the caller says whether a backward can come)
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        step = softmax_loss_grad_triton if backend == "triton" else softmax_loss_grad_torch
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, N, chunk_rows):
+            h_i = hc[i:i + chunk_rows]
+            logits = h_i @ wc.T
+            total += step(logits, targets[i:i + chunk_rows], scale, ignore_index).sum()
+            if need_h:
+                grad_h[i:i + chunk_rows] = logits @ wc
+            if need_w and grad_w.dtype == logits.dtype:
+                grad_w.addmm_(logits.T, h_i)
+            elif need_w:
+                grad_w += logits.T @ h_i  # low-precision matmul, fp32 accumulation across chunks
+            del logits  # before the next chunk's logits exist, not after
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n_valid if n_valid else total * float("nan")  # like F.cross_entropy: nan with no targets
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # scaled in place: the saved gradients are ours alone, and a copy of d W would double the peak
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index=LCE_IGNORE_INDEX, chunk_rows=None, backend="auto"):
+    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index), mean over the kept rows,
+    without ever holding more than chunk_rows rows of logits. h (..., C), weight (V, C), targets (...) int64.
+
+    backend: "triton" runs the softmax-loss-gradient kernel (CPU: only under TRITON_INTERPRET=1), "torch" the
+    reference, "auto" Triton for CUDA tensors. Under autocast the matmuls run in the autocast dtype, as F.linear's.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if h.shape[-1] != weight.shape[1] or h.shape[:-1] != targets.shape:
+        raise ValueError(f"h {tuple(h.shape)}, weight {tuple(weight.shape)} and targets {tuple(targets.shape)} "
+                         f"do not fit: want h (..., C), weight (V, C), targets (...)")
+    if backend == "auto":
+        backend = "triton" if h.is_cuda else "torch"
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    rows = chunk_rows or lce_chunk_rows(h2.shape[0], h2.shape[1])
+    with torch.autocast(dev, enabled=False):
+        return LinearCrossEntropyFunction.apply(h2, weight, t1, rows, ignore_index, backend, dtype,
+                                                torch.is_grad_enabled())
+
+
+# ---- fused 8-bit AdamW step
+# One pass per block of the 8-bit AdamW step of optim.AdamW8bit: load the codes and scales, dequantize, update
+# m, v and the parameter in fp32, requantize, store. Its pure-torch reference is optim.py's chunked path
+# (optim._update_chunk), which it follows op for op, with IEEE-rounded sqrt and division as torch's; tests/
+# test_optim.py compares the two (under the interpreter on CPU).
+# Codes: m = absmax q|q| / 127^2 (q int8), sqrt(v) = wmax (u / 255)^2 (u uint8), one fp32 scale per block.
+
+@triton.jit
+def _rint(x):
+    """Round half to even, as torch.round (libdevice.rint is missing under the interpreter)."""
+    r = tl.floor(x)
+    d = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit
+def _adamw8bit_kernel(p_ptr, g_ptr, qm_ptr, am_ptr, qv_ptr, wv_ptr, skipped_ptr, n, nblocks,
+                      decay, step_size, eps2, km, kv, out_m, out_v, seed,
+                      BLOCK: tl.constexpr, BLOCKS: tl.constexpr, BF16: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """BLOCKS quantization blocks of BLOCK elements per program; temporaries are [BLOCKS, BLOCK] registers."""
+    rb = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    b_ok = rb < nblocks
+    offs = rb.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    e_ok = offs < n
+    g = tl.load(g_ptr + offs, mask=e_ok, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=e_ok, other=0.0).to(tl.float32)
+    f = tl.load(qm_ptr + offs, mask=b_ok[:, None], other=0).to(tl.float32)
+    amax = tl.load(am_ptr + rb, mask=b_ok, other=0.0)
+    m = g + f * (tl.abs(f) * (amax * km)[:, None])                     # m~ = m / (1 - b1)
+    u = tl.load(qv_ptr + offs, mask=b_ok[:, None], other=0).to(tl.float32)
+    wmax = tl.load(wv_ptr + rb, mask=b_ok, other=0.0)
+    c = u * (tl.sqrt_rn(wmax * kv) * (1.0 / 255.0))[:, None]
+    c = c * c
+    d = tl.sqrt_rn(c * c + g * g)                                        # sqrt(v~), v~ = v / (1 - b2)
+    new_am = tl.max(tl.abs(m), axis=1)
+    new_wv = tl.max(d, axis=1)
+    finite = (tl.abs(m) < float("inf")) & (d < float("inf"))             # False for NaN too (tl.max drops NaN)
+    ok = b_ok & (tl.min(finite.to(tl.int32), axis=1) == 1)
+    y = tl.div_rn(m, tl.sqrt_rn(tl.abs(m) * (new_am * (1.0 / 16129.0))[:, None] + 1.1754943508222875e-38))
+    q = _rint(y)
+    v2 = tl.full((BLOCKS,), 65025.0, tl.float32)
+    t = tl.sqrt_rn(d * tl.div_rn(v2, tl.maximum(new_wv, 1.1754943508222875e-38))[:, None])
+    u = tl.maximum(_rint(t), 1.0)
+    p = p * decay - step_size * tl.div_rn(m, d + eps2)
+    if BF16:  # round by hand (the interpreter's cast truncates): add below bf16's last mantissa bit, truncate
+        bits = p.to(tl.int32, bitcast=True)
+        if STOCHASTIC:  # 16 random bits: rounds up with probability equal to the dropped fraction
+            r = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+        else:  # to nearest, ties to even
+            r = 0x7FFF + ((bits >> 16) & 1)
+        p = ((bits + r) & -65536).to(tl.float32, bitcast=True)
+    w_ok = ok[:, None]
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=w_ok & e_ok)
+    tl.store(qm_ptr + offs, q.to(tl.int8), mask=w_ok)
+    tl.store(qv_ptr + offs, u.to(tl.uint8), mask=w_ok)
+    tl.store(am_ptr + rb, new_am * out_m, mask=ok)
+    tl.store(wv_ptr + rb, new_wv * out_v, mask=ok)
+    n_bad = tl.sum((b_ok & ~ok).to(tl.int64), axis=0)
+    tl.atomic_add(skipped_ptr, n_bad, mask=n_bad > 0)
+
+
+def adamw8bit_step_triton(p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, c, seed=None):
+    """One AdamW8bit step of the tensor p in place (optim.AdamW8bit's state layout); c holds the step's
+    scalars (optim._Constants). seed: stochastic rounding of a bf16 p with this seed, None rounds to nearest."""
+    if not (p.is_cuda or _INTERPRET):
+        raise ValueError("the Triton 8-bit AdamW step needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if p.dtype not in _X_DTYPES or g.shape != p.shape:
+        raise ValueError(f"p must be fp32/bf16/fp16 with a gradient of its shape, got {p.dtype} {tuple(g.shape)}")
+    nblocks = m_absmax.numel()
+    B = m_codes.numel() // nblocks
+    if not p.is_contiguous():
+        raise ValueError("the Triton 8-bit AdamW step wants a contiguous parameter")
+    g = g.contiguous()
+    blocks = 1 if _INTERPRET else max(1, 2048 // B)  # TODO: measure on an H200 (2048 elements per program)
+    grid = (triton.cdiv(nblocks, blocks),)
+    bf16 = p.dtype == torch.bfloat16
+    _adamw8bit_kernel[grid](p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, p.numel(), nblocks,
+                            c.decay, c.step_size, c.eps2, c.km, c.kv, c.out_m, c.out_v,
+                            (seed or 0) % (1 << 31), BLOCK=B, BLOCKS=blocks, BF16=bf16,
+                            STOCHASTIC=bf16 and seed is not None)

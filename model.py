@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -145,6 +146,9 @@ class GPT(nn.Module):
                                config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # activation checkpointing: every k-th block keeps only its input and recomputes the rest in backward
+        # (0: off). A training option, not part of the architecture, so not in GPTConfig or the checkpoint.
+        self.grad_ckpt_every = 0
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -162,10 +166,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, pos=None, cache=None, mask=None, last_only=None):
+    def forward(self, idx, targets=None, pos=None, cache=None, mask=None, last_only=None, loss_fn=None):
         """idx (B, T) -> (logits, loss). targets == -1 are ignored. pos (B, T) gives per-row positions
         (generation); cache/mask are generate()'s. Without targets only the last position's logits are computed
-        unless last_only=False."""
+        unless last_only=False. loss_fn(hidden, lm_head_weight, targets) -> loss, when given with targets,
+        replaces the full-logits loss and logits come back as None (train.py's --chunked_loss passes
+        kernels.linear_cross_entropy); it runs inside forward so DDP and FSDP see the weight used there."""
         B, T = idx.size()
         rope = None
         if pos is None:  # training: every row at positions 0..T-1
@@ -179,9 +185,15 @@ class GPT(nn.Module):
             if self.config.rope_heads:
                 rope = (self.rope_cos[pos].transpose(1, 2), self.rope_sin[pos].transpose(1, 2))  # (B, H, T, hd)
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, rope, cache, mask)
+        every = self.grad_ckpt_every if self.training and cache is None and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.transformer.h):
+            if every and i % every == 0:  # non-reentrant: exact gradients, dropout masks replayed from saved RNG
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask)
         x = self.transformer.ln_f(x)
+        if targets is not None and loss_fn is not None:
+            return None, loss_fn(x, self.lm_head.weight, targets)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -194,7 +206,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, use_cache=True,
-                 generator=None):
+                 generator=None, num_samples=1):
         """Sample continuations for a batch of prompts.
 
         idx: a (B, T) tensor, or a list of 1-D token sequences of different lengths (left-padded here).
@@ -202,6 +214,8 @@ class GPT(nn.Module):
         with n <= max_new_tokens, positions after a row's end filled with eos_id (or 0); lengths (B,) counts each
         row's new tokens including its eos. use_cache=False recomputes the whole prefix every step (the
         baseline that bench.py and the tests compare against).
+        num_samples=G: G continuations per prompt (rows b*G .. b*G+G-1 belong to prompt b); each prompt is
+        prefilled once and its cache copied to its G rows (the rollouts of GRPO-style RL).
         """
         device = self.transformer.wte.weight.device
         if isinstance(idx, torch.Tensor) and idx.dim() == 2:
@@ -210,6 +224,10 @@ class GPT(nn.Module):
             rows = [torch.as_tensor(r, dtype=torch.long) for r in idx]
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("generate() needs at least one prompt, each with at least one token")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, not {num_samples}")
+        if not use_cache and num_samples > 1:  # the baseline has no prefill to share: repeat the prompts
+            rows, num_samples = [r for r in rows for _ in range(num_samples)], 1
         B, T0 = len(rows), max(len(r) for r in rows)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
@@ -257,6 +275,13 @@ class GPT(nn.Module):
                                  mask=attn_mask(t - 1, t))
             if cache is not None:
                 cache.len = t
+            if n == 0 and num_samples > 1:  # one prefill per prompt, then G rows per prompt
+                G = num_samples
+                logits, seq, positions, key_ok, done, out_len = (
+                    a.repeat_interleave(G, 0) for a in (logits, seq, positions, key_ok, done, out_len))
+                for key in cache.k:
+                    cache.k[key] = cache.k[key].repeat_interleave(G, 0)
+                    cache.v[key] = cache.v[key].repeat_interleave(G, 0)
             nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             seq[:, t] = nxt

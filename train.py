@@ -35,6 +35,9 @@ from data.tasks import STYLES, TaskConfig, check_answer, held_out_problems, prom
 from data.tokenizer import load_tokenizer
 from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
 from model import GPT, GPTConfig, config_from_dict
+import memory
+from kernels import linear_cross_entropy
+import quant
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,7 +75,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # 0: off
-    optim: str = "adamw"
+    optim: str = "adamw"            # adamw (fp32 moments, torch fused) or adamw8bit (optim.AdamW8bit)
+    # memory (memory.py)
+    grad_ckpt: bool = False         # activation checkpointing: blocks recompute their activations in backward
+    ckpt_every: int = 1             # with --grad_ckpt: checkpoint every k-th block
+    chunked_loss: bool = False      # loss and its gradient in chunks of rows: (tokens x vocab) logits never held
+    fsdp: bool = False              # under torchrun: shard weights, grads, optimizer state (FSDP2) instead of DDP
+    plan: bool = False              # print the memory estimate, measure a few steps against it, write nothing
+    memory_budget: str = ""         # e.g. 8GB: the largest micro-batch (and checkpointing) whose estimate fits
     # evaluation and logging
     log_interval: int = 50
     eval_interval: int = 500        # val loss + task accuracy; a checkpoint is saved at each
@@ -80,6 +90,12 @@ class TrainConfig:
     eval_problems: int = 100        # test problems per level in periodic evaluations (untagged)
     final_problems: int = 200       # per level and style in the final evaluation
     samples: int = 4                # answers printed at the end
+    # quantization (quant.py's SPEC_GRAMMAR: w8, w4g32, w4a8g32, w3g64, w2g64, w1.58, nf4g64, ...; -lsq learns scales)
+    qat: str = ""                   # fake-quant spec for quantization-aware training ("": off)
+    qat_start: int = 0              # step from which fake-quant is on (before it: float training)
+    ptq: str = ""                   # rtn | gptq: quantize --init_from's model, evaluate it, save it converted
+    ptq_spec: str = ""              # the spec --ptq quantizes to
+    ptq_batches: int = 16           # GPTQ calibration batches from the training data
     # system
     device: str = "auto"            # auto: cuda > mps > cpu
     dtype: str = "auto"             # auto: bfloat16 autocast where supported, else float32
@@ -301,7 +317,12 @@ def make_optimizer(model, cfg):
     if cfg.optim == "adamw":
         # the fused kernel (CPU and CUDA) saves a pass over memory per parameter tensor
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    raise UserError(f"--optim {cfg.optim!r} is not known; choose adamw")
+    if cfg.optim == "adamw8bit":  # moments in 8 bits: 2 bytes of state per parameter instead of 8
+        if cfg.fsdp:
+            raise UserError("--optim adamw8bit does not shard its state under --fsdp yet; use DDP (drop --fsdp)")
+        from optim import AdamW8bit
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    raise UserError(f"--optim {cfg.optim!r} is not known; choose adamw or adamw8bit")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -332,7 +353,7 @@ def make_loader(tokens, cfg, meta, seed, rank, world, name):
 # ----------------------------------------------------------------------------- the run
 
 
-POSITIVE = ("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval", "eval_iters",
+POSITIVE = ("batch_size", "grad_accum", "ckpt_every", "max_iters", "log_interval", "eval_interval", "eval_iters",
             "eval_problems", "final_problems", "n_layer", "n_head", "n_embd", "block_size")
 
 
@@ -344,6 +365,19 @@ def check_config(cfg):
         raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), not {cfg.dropout}")
+    check_quant_config(cfg)
+
+
+def check_quant_config(cfg):
+    for flag in ("qat", "ptq_spec"):
+        try:
+            getattr(cfg, flag) and quant.parse_spec(getattr(cfg, flag))
+        except ValueError as e:
+            raise UserError(f"--{flag}: {str(e).splitlines()[0]}; grammar: see quant.SPEC_GRAMMAR, e.g. w4g32")
+    if cfg.ptq and (cfg.ptq not in ("rtn", "gptq") or not cfg.ptq_spec or not cfg.init_from or cfg.qat):
+        raise UserError("--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat")
+    if cfg.ptq_spec and not cfg.ptq:
+        raise UserError("--ptq_spec needs --ptq rtn|gptq")
 
 
 def sync_model_fields(cfg, explicit, mc, source):
@@ -390,6 +424,7 @@ def build_model(cfg, explicit, meta, ckpt, hf_model):
         mc.dropout = cfg.dropout
         model = GPT(mc)
         try:
+            quant.restore_(model, ckpt.get("quant"))  # a quantized checkpoint's modules, before its weights
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}")
@@ -415,7 +450,7 @@ def run(cfg, explicit):
     elif ckpt is not None and "dataset" not in explicit and ckpt.get("dataset"):
         cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    fresh = not (cfg.resume or cfg.eval_only)
+    fresh = not (cfg.resume or cfg.eval_only or cfg.plan)
     if fresh and os.path.exists(ckpt_path) and not cfg.overwrite:
         raise UserError(f"{ckpt_path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
                         f"or --overwrite to replace it")
@@ -423,6 +458,9 @@ def run(cfg, explicit):
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank, device = setup_distributed(cfg)
     master = rank == 0
+    if cfg.fsdp and world == 1:
+        raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
+                        "--fsdp), or drop the flag")
     ctx, dtype_name = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -433,6 +471,11 @@ def run(cfg, explicit):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UserError(str(e))
     model = build_model(cfg, explicit, meta, ckpt, hf_model)
+    if cfg.qat and not quant.is_quantized(model):  # (a resumed QAT run's checkpoint restored them already)
+        try:
+            quant.quantize_(model, cfg.qat, enabled=cfg.qat_start == 0)
+        except ValueError as e:
+            raise UserError(str(e))
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the dataset's "
                         f"({meta['vocab_size']}): pick a dataset made with the model's tokenizer")
@@ -448,15 +491,26 @@ def run(cfg, explicit):
     train_tokens, val_tokens = open_tokens(data_dir, "train", meta), open_tokens(data_dir, "val", meta)
     make_loader(val_tokens, cfg, meta, 0, 0, 1, "val.bin")  # raises now if val.bin is too small
 
+    if cfg.ptq:
+        return post_training_quantization(model, tok, task, cfg, meta, train_tokens, val_tokens, ctx, device, world)
     if cfg.eval_only:
         return final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master)
 
+    try:  # --grad_ckpt, --memory_budget (may change the micro-batch and accumulation), --plan
+        mem_estimate = memory.apply_plan(cfg, model, world, dtype_name, verbose=master)
+    except ValueError as e:
+        raise UserError(str(e))
+    if cfg.fsdp:
+        memory.shard_model(model, world, device)  # before the optimizer, which then holds the shards
     loader = make_loader(train_tokens, cfg, meta, seed=cfg.seed, rank=rank, world=world, name="train.bin")
     optimizer = make_optimizer(model, cfg)
     step = 0
     if ckpt is not None and cfg.resume:
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            if cfg.fsdp:
+                memory.load_optimizer_state(model, optimizer, ckpt["optimizer"])
+            else:
+                optimizer.load_state_dict(ckpt["optimizer"])
             loader.load_state_dict(ckpt["loader"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"the checkpoint's optimizer or loader state does not fit this run ({e}); "
@@ -464,43 +518,56 @@ def run(cfg, explicit):
         set_rng_state(ckpt["rng"], rank, device)
         step = ckpt["step"]
     raw_model = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
     if cfg.compile:
         model = torch.compile(model)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not cfg.plan:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if cfg.resume else None) \
-        if master else None
+        if master and not cfg.plan else None
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     if master:
         print(f"model {raw_model.get_num_params() / 1e6:.2f}M params | {device} {dtype_name} | world {world} | "
               f"{tokens_per_step:,} tokens/step | data {data_dir}")
 
     def log(record):
-        if master:
+        if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
     def checkpoint(step):
         rngs = gather_rng_states(device, world)  # a collective: every rank takes part
+        sds = memory.full_state_dicts(raw_model, optimizer) if cfg.fsdp else \
+            (raw_model.state_dict(), optimizer.state_dict())  # under FSDP: gathered, in the same format
         if master:
-            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(ckpt_path, dict(model=sds[0], optimizer=sds[1],
                                             step=step, config=asdict(cfg), model_config=asdict(raw_model.config),
-                                            rng=rngs, loader=loader.state_dict(), dataset=cfg.dataset))
+                                            rng=rngs, loader=loader.state_dict(), dataset=cfg.dataset,
+                                            quant=quant.describe(raw_model)))
+
+    def unsharded():  # under FSDP, rank 0's plain copy of the model for evaluation (a collective)
+        sd = memory.full_model_state(raw_model)
+        return memory.unsharded_copy(GPT, raw_model.config, sd, device) if master else None
 
     last = cfg.stop_after or cfg.max_iters
+    loss_fn = linear_cross_entropy if cfg.chunked_loss else None
+    if cfg.plan:  # a few real steps, measured against the estimate; nothing is written
+        last, meter = step + memory.PLAN_STEPS, memory.PeakMeter(device, raw_model, optimizer).start()
     t0, t_start, step0, t0_step = time.perf_counter(), time.perf_counter(), step, step
     while step < last:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        if cfg.qat:
+            quant.enable_fake_quant_(raw_model, step >= cfg.qat_start)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y, pos = (None if t is None else t.to(device) for t in loader.next())
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, y, pos=pos)
+            with memory.grad_sync(model, sync), ctx:
+                loss = model(x, y, pos=pos, loss_fn=loss_fn)[1]  # (the logits are not kept through backward)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip:
@@ -525,12 +592,13 @@ def run(cfg, explicit):
                   f"peak {peak:.0f} MiB | eta {eta:.0f}s", flush=True)
             log(dict(step=step, ms_per_step=1e3 * dt, tokens_per_s=tps, mfu=mfu, peak_mb=peak))
             t0, t0_step = time.perf_counter(), step
-        if step % cfg.eval_interval == 0 or step == last:
+        if (step % cfg.eval_interval == 0 or step == last) and not cfg.plan:
+            evaluated = unsharded() if cfg.fsdp and step != cfg.max_iters else raw_model
             if master and step != cfg.max_iters:
-                record = dict(step=step, val_loss=estimate_val_loss(raw_model, val_tokens, cfg, meta, ctx, device))
+                record = dict(step=step, val_loss=estimate_val_loss(evaluated, val_tokens, cfg, meta, ctx, device))
                 msg = f"eval {step}: val loss {record['val_loss']:.4f}"
                 if task is not None:
-                    rows = evaluate_reasoning(raw_model, tok, task, device, cfg.eval_problems, ctx=ctx)
+                    rows = evaluate_reasoning(evaluated, tok, task, device, cfg.eval_problems, ctx=ctx)
                     total = summarize(rows)["untagged"]
                     record.update(accuracy=total["accuracy"], mean_tokens=total["mean_tokens"],
                                   by_level={r["level"]: dict(accuracy=r["accuracy"], mean_tokens=r["mean_tokens"])
@@ -541,10 +609,16 @@ def run(cfg, explicit):
                 log(record)
             checkpoint(step)
             t0, t0_step = time.perf_counter(), step  # evaluation time is not training time
-    if step == cfg.max_iters:
-        result = final_evaluation(raw_model, tok, task, cfg, meta, val_tokens, ctx, device, master)
+    if step == cfg.max_iters and not cfg.plan:
+        evaluated = unsharded() if cfg.fsdp else raw_model
+        result = final_evaluation(evaluated, tok, task, cfg, meta, val_tokens, ctx, device, master)
         if master:
             log(dict(step=step, final=True, val_loss=result["val_loss"], summary=result.get("summary")))
+        if cfg.qat and master:
+            evaluate_converted(raw_model, tok, task, cfg, meta, val_tokens, ctx, device,
+                               os.path.join(cfg.out_dir, "converted.pt"))
+    if cfg.plan:
+        memory.report_plan(meter, mem_estimate, master)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -562,7 +636,40 @@ def open_metrics(path, resume_step):
     return open(path, "w")
 
 
-def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master):
+def post_training_quantization(model, tok, task, cfg, meta, train_tokens, val_tokens, ctx, device, world):
+    """--ptq: quantize the loaded model (GPTQ calibrates on batches of training data), evaluate it as fake-quant
+    (eval.json) and converted (eval_converted.json), and save the converted model to out_dir/ckpt.pt."""
+    if world > 1:
+        raise UserError("--ptq runs in one process: start it with python, not torchrun")
+    loader = make_loader(train_tokens, cfg, meta, seed=cfg.seed, rank=0, world=1, name="train.bin")
+    calib = [dict(zip(("idx", "targets", "pos"), (None if t is None else t.to(device) for t in loader.next())))
+             for _ in range(cfg.ptq_batches if cfg.ptq == "gptq" else 0)]
+    t0 = time.perf_counter()
+    try:
+        quant.apply_ptq_(model, cfg.ptq, cfg.ptq_spec, calib)
+    except ValueError as e:
+        raise UserError(f"--ptq {cfg.ptq} --ptq_spec {cfg.ptq_spec}: {str(e).splitlines()[0]}")
+    print(f"{cfg.ptq} {cfg.ptq_spec}: quantized in {time.perf_counter() - t0:.1f}s; fake-quant model:")
+    final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, True)
+    return evaluate_converted(model, tok, task, cfg, meta, val_tokens, ctx, device,
+                              os.path.join(cfg.out_dir, "ckpt.pt"))
+
+
+def evaluate_converted(model, tok, task, cfg, meta, val_tokens, ctx, device, path):
+    """convert_ the fake-quant model in place to real low-bit modules, evaluate it (eval_converted.json) and save
+    it to path (loads with --init_from / --eval_only into Int4Linear modules)."""
+    try:
+        quant.convert_(model)
+    except ValueError as e:
+        raise UserError(str(e))
+    print(f"converted model: {quant.bits_per_weight(model):.3f} bits per weight in the quantized linear layers")
+    result = final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, True, name="eval_converted")
+    save_checkpoint(path, dict(model=model.state_dict(), model_config=asdict(model.config), config=asdict(cfg),
+                               dataset=cfg.dataset, quant=quant.describe(model)))
+    return result
+
+
+def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, master, name="eval"):
     if not master:
         return None
     model.eval()
@@ -586,7 +693,7 @@ def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, maste
     result["eval_seconds"] = time.perf_counter() - t0
     print(f"final evaluation took {result['eval_seconds']:.0f}s")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+    with open(os.path.join(cfg.out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
 

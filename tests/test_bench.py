@@ -25,3 +25,12 @@ def test_unknown_section_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["nope"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_adam_section_reports_time_state_bytes_and_step_memory():
+    rows = bench.main(["adam", "--quick", "--device", "cpu"])
+    by_name = {r["name"].split(" (")[0]: r for r in rows}
+    state = by_name["quick: state bytes per parameter vs AdamW"]
+    assert 8.0 <= state["baseline"] < 8.01 and 2.0 < state["ours"] < 2.1  # fp32 AdamW: 8 bytes + its step counters
+    assert by_name["quick: step time vs AdamW foreach"]["ours"] > 0
+    assert "largest_tensor_copies" in by_name["quick: memory added by a step vs AdamW foreach"]

@@ -1,0 +1,270 @@
+"""Memory-saving training: activation checkpointing (model.py) and the chunked linear cross-entropy (kernels.py)
+give the plain gradients; memory.py's estimate meets measured peaks and its planner keeps to a budget; FSDP2 in
+train.py follows DDP's loss curve and its checkpoints resume at other world sizes."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import memory
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**kw):
+    return GPTConfig(**{**dict(block_size=32, vocab_size=67, n_layer=3, n_head=2, n_embd=16, rope_heads=1), **kw})
+
+
+def batch(cfg, B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+    y = torch.roll(x, -1, 1)
+    y[:, :5] = -1  # a masked prompt, as the loader makes
+    return x, y
+
+
+def loss_and_grads(model, x, y, **kw):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks for every variant
+    loss = model(x, y, **kw)[1]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def saved_bytes(model, x, y):
+    """Bytes autograd keeps for backward (outside checkpointed blocks, whose insides are recomputed)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------- exact gradients
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_grad_ckpt_gives_the_plain_gradients_and_keeps_less(every):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.1)).train()
+    x, y = batch(model.config)
+    loss0, g0 = loss_and_grads(model, x, y)
+    kept0 = saved_bytes(model, x, y)
+    model.grad_ckpt_every = every
+    loss1, g1 = loss_and_grads(model, x, y)
+    assert saved_bytes(model, x, y) < kept0  # the blocks really are checkpointed
+    # the recomputation replays the same fp32 ops on the same inputs with the same dropout masks (the RNG state
+    # is saved and restored), so the results agree to round-off; in practice they are bitwise equal
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_chunked_loss_gives_the_plain_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x, y = batch(model.config)
+    loss0, g0 = loss_and_grads(model, x, y)
+    lce = lambda h, w, t: kernels.linear_cross_entropy(h, w, t, chunk_rows=16)  # 6 chunks of the 96 rows
+    loss1, g1 = loss_and_grads(model, x, y, loss_fn=lce)
+    assert model(x, y, loss_fn=lce)[0] is None  # no logits are made
+    # fp32 sums taken in another order (per chunk, softmax by max-subtract-exp-divide): round-off only
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("N,C,V,rows", [(7, 24, 131, 3), (1, 8, 5, None), (33, 16, 200, None), (40, 8, 64, 16)])
+def test_linear_cross_entropy_matches_float64_reference(backend, N, C, V, rows):
+    """Awkward shapes: V not a multiple of the kernel's block (64 under the interpreter), a last chunk that is
+    short, a single row, ignored rows; "triton" runs the kernel under TRITON_INTERPRET=1 on CPU."""
+    g = torch.Generator().manual_seed(N * V)
+    h = torch.randn(N, C, generator=g, requires_grad=True)
+    w = torch.randn(V, C, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[1::3] = -1
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), t, ignore_index=-1)
+    rh, rw = torch.autograd.grad(ref * 1.5, (h, w))
+    out = kernels.linear_cross_entropy(h, w, t, chunk_rows=rows, backend=backend)
+    oh, ow = torch.autograd.grad(out * 1.5, (h, w))  # an upstream gradient other than 1
+    # fp32 against fp64 on O(1) logits: a few ulps of fp32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(oh.double(), rh.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ow.double(), rw.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_linear_cross_entropy_edge_cases():
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    none = torch.full((4,), -1)
+    out = kernels.linear_cross_entropy(h, w, none)
+    assert torch.isnan(out) and torch.isnan(F.cross_entropy(h @ w.T, none, ignore_index=-1))  # as torch: 0 / 0
+    out.backward()
+    assert not h.grad.any() and not w.grad.any()
+    with pytest.raises(ValueError, match="targets must lie"):
+        kernels.linear_cross_entropy(h, w, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
+
+
+def test_linear_cross_entropy_under_bf16_autocast_follows_f_linear():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 32, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(300, 32, generator=g)).requires_grad_()
+    t = torch.randint(0, 300, (50,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+        out = kernels.linear_cross_entropy(h, w, t, chunk_rows=16)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    oh, ow = torch.autograd.grad(out, (h, w))
+    assert oh.dtype == ow.dtype == torch.float32
+    # both round the logits and their gradient to bf16 (8 bits): agreement to a few bf16 ulps
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(oh, rh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(ow, rw, rtol=2e-2, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- the estimate and the planner
+
+PLAN_CONFIGS = {  # (model, batch, grad_ckpt_every, chunked_loss)
+    "plain": (dict(n_layer=3, n_head=4, n_embd=64, vocab_size=2000, block_size=128, rope_heads=2), 4, 0, False),
+    "grad_ckpt": (dict(n_layer=3, n_head=4, n_embd=64, vocab_size=2000, block_size=128, rope_heads=2), 4, 1, False),
+    "chunked": (dict(n_layer=3, n_head=4, n_embd=64, vocab_size=2000, block_size=128), 4, 0, True),
+    "ckpt2+chunked": (dict(n_layer=4, n_head=2, n_embd=32, vocab_size=500, block_size=256), 8, 2, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_CONFIGS))
+def test_estimate_meets_the_measured_peak(name):
+    shape, B, every, chunked = PLAN_CONFIGS[name]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape))
+    model.grad_ckpt_every = every
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, y = batch(model.config, B)
+    meter = memory.PeakMeter("cpu", model, opt).start()
+    for _ in range(2):  # the first step also makes the optimizer's state
+        model(x, y, loss_fn=kernels.linear_cross_entropy if chunked else None)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured, _ = meter.stop()
+    est = memory.estimate_memory(model, B, model.config.block_size, grad_ckpt_every=every, chunked_loss=chunked)
+    # the estimate counts the tensors autograd keeps, phase by phase; on these shapes it lands within 1% of the
+    # dispatcher-level peak (the issue asks for 15%; 5% leaves room for small tensors it does not list)
+    assert abs(est["peak"] / measured - 1) < 0.05, (memory.format_estimate(est), measured / 2 ** 20)
+
+
+def test_planner_picks_the_largest_micro_batch_that_fits():
+    def est(model, b, every, rows):  # the estimate the planner weighs: b rows a micro-batch, rows a step
+        return memory.estimate_memory(model, b, 256, grad_ckpt_every=every, grad_accum=rows // b)["peak"]
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=500, block_size=256))
+    assert memory.plan_batch(model, 1e12, 16, 256)[:2] == (16, 0)
+    assert memory.plan_batch(model, est(model, 1, 1, 16) - 1, 16, 256) is None
+    budget = est(model, 4, 0, 16)
+    assert est(model, 8, 1, 16) <= budget < est(model, 16, 1, 16) and budget < est(model, 8, 0, 16)
+    b, every, e = memory.plan_batch(model, budget, 16, 256)
+    assert (b, every) == (8, 1) and e["peak"] <= budget  # checkpointing doubles the micro-batch here
+    # a model whose memory is mostly logits: checkpointing fits 2 rows as well, but not 4, so it is not chosen
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, vocab_size=5000, block_size=256))
+    budget = est(model, 2, 0, 4)
+    assert est(model, 2, 1, 4) <= budget < est(model, 4, 1, 4)
+    assert memory.plan_batch(model, budget, 4, 256)[:2] == (2, 0)
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("8GB") == 8 * 10 ** 9
+    assert memory.parse_bytes("512MiB") == 512 * 2 ** 20
+    assert memory.parse_bytes("1.5e9") == 1.5e9
+    for bad in ("lots", "8 parsecs", ""):
+        with pytest.raises(ValueError, match="not a memory size"):
+            memory.parse_bytes(bad)
+
+
+# ----------------------------------------------------------------------------- the trainer and the bench
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
+        "--eval_iters", "2", "--eval_problems", "2", "--final_problems", "1", "--samples", "1",
+        "--log_interval", "2", "--threads", "1", "--warmup_iters", "2", "--eval_interval", "100"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from data.prepare import prepare_reasoning
+    from data.tasks import TaskConfig
+    d = tmp_path_factory.mktemp("reasoning")
+    prepare_reasoning(str(d), TaskConfig(train_examples=400, val_examples=60, test_per_level=4), verbose=False)
+    return str(d)
+
+
+def run_cli(args, procs=0, port=29541):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port)] \
+        if procs else []
+    return subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=300, errors="replace")
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_plan_fits_a_budget_measures_it_and_writes_nothing(corpus, tmp_path):
+    out = tmp_path / "plan"
+    p = run_cli(TINY + ["--dataset", corpus, "--out_dir", str(out), "--plan", "--memory_budget", "2MB",
+                        "--batch_size", "16", "--chunked_loss"])
+    assert p.returncode == 0, p.stderr
+    b, accum = map(int, re.search(r"micro-batch (\d+) x (\d+) accumulation", p.stdout).groups())
+    assert b * accum == 16 and b < 16  # rows per step kept, the micro-batch cut to fit
+    est = re.search(r"estimated (\S+) MiB \(([-+0-9.]+)%\)", p.stdout)
+    assert est and abs(float(est.group(2))) < 15, p.stdout
+    assert float(est.group(1)) <= 2e6 / 2 ** 20
+    assert not out.exists()
+    p = run_cli(TINY + ["--dataset", corpus, "--out_dir", str(out), "--plan", "--memory_budget", "10kB"])
+    assert p.returncode == 2 and p.stderr.startswith("error: --memory_budget 10kB") and "\n" not in p.stderr.strip()
+
+
+@pytest.mark.slow
+def test_fsdp_follows_ddp_and_its_checkpoints_resume_at_other_world_sizes(corpus, tmp_path):
+    """FSDP2 (with activation checkpointing) on 2 gloo processes, stopped and resumed, against DDP; then the FSDP
+    checkpoint resumed on one process with twice the accumulation (the loader gives it the same batches)."""
+    common = TINY + ["--dataset", corpus, "--max_iters", "6"]
+    ddp, fsdp, one = (str(tmp_path / d) for d in ("ddp", "fsdp", "one"))
+    p = run_cli(common + ["--out_dir", ddp], procs=2, port=29541)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(common + ["--out_dir", fsdp, "--fsdp", "--grad_ckpt", "--stop_after", "3"], procs=2, port=29542)
+    assert p.returncode == 0, p.stderr
+    shutil.copytree(fsdp, one)
+    p = run_cli(["--resume", "--out_dir", fsdp], procs=2, port=29543)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(["--resume", "--out_dir", one, "--fsdp", "false", "--grad_accum", "2"])
+    assert p.returncode == 0, p.stderr
+    a, b, c = losses(ddp), losses(fsdp), losses(one)
+    assert list(a) == list(b) == list(c) == list(range(1, 7))
+    for step in a:  # the same sums in another order (reduce-scatter vs all-reduce): fp32 round-off
+        assert abs(a[step] - b[step]) < 1e-5 and abs(a[step] - c[step]) < 1e-5, (step, a[step], b[step], c[step])
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (ddp, fsdp))
+    assert list(ca["model"]) == list(cb["model"]) and list(ca["optimizer"]["state"]) == list(cb["optimizer"]["state"])
+    for k in ca["model"]:
+        torch.testing.assert_close(cb["model"][k], ca["model"][k], rtol=1e-4, atol=1e-6)
+    for i, s in ca["optimizer"]["state"].items():
+        for k in s:
+            torch.testing.assert_close(cb["optimizer"]["state"][i][k], s[k], rtol=1e-4, atol=1e-7)
+
+
+def test_bench_memory_section_runs_quick():
+    import bench
+    rows = {r["name"].split(" (")[0]: r for r in bench.main(["memory", "--quick", "--device", "cpu"])}
+    assert all(r["ours"] > 0 and r["baseline"] > 0 for r in rows.values())
+    assert rows["loss step peak memory, chunked vs full logits"]["ratio"] > 2
+    assert rows["activation memory of the 2 blocks, grad_ckpt vs plain"]["ratio"] > 1
