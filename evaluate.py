@@ -14,15 +14,17 @@ from data.tasks import STYLES, check_answer, held_out_problems, prompt_text, sty
 
 
 @torch.no_grad()
-def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext()):
+def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext(),
+                       budget=None):
     """Greedy answers to the held-out test problems: one row per (level, style) with accuracy, mean generated
     tokens, and (untagged) the share of answers that chose each style. Prompts are batched by length, so no batch
-    needs padding (the fast path of generate())."""
+    needs padding (the fast path of generate()). budget: a token budget written in every prompt (for models
+    trained by reason_rl.py with a target length)."""
     rows = []
     for level in task.levels:
         problems = held_out_problems(task, level, n_per_level)
         for style in styles:
-            prompts = [tok.encode(prompt_text(p, style), bos=True) for p in problems]
+            prompts = [tok.encode(prompt_text(p, style, budget), bos=True) for p in problems]
             by_len = {}
             for i, p in enumerate(prompts):
                 by_len.setdefault(len(p), []).append(i)

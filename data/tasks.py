@@ -105,9 +105,12 @@ def sample_problems(level, split, n, rng, distinct=False):
     return out
 
 
-def prompt_text(operands, style=None):
-    """The prompt the model sees: the problem line, and the style tag when a style is forced."""
+def prompt_text(operands, style=None, budget=None):
+    """The prompt the model sees: the problem line, a token budget line when one is given (read by models that
+    reason_rl.py trains with a target length), and the style tag when a style is forced."""
     q = "+".join(map(str, operands)) + "\n"
+    if budget is not None:
+        q += f"budget: {budget}\n"
     return q + f"[{style}]\n" if style else q
 
 

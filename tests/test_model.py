@@ -95,6 +95,23 @@ def test_sampling_is_reproducible_with_a_generator_and_top_k_1_is_greedy():
     assert torch.equal(greedy, k1)
 
 
+def test_num_samples_prefills_once_and_each_row_matches_its_prompt_alone():
+    m = tiny()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 37, (n,), generator=g) for n in (3, 6)]  # ragged, so the mask is expanded too
+    out, lens = m.generate(prompts, 12, temperature=0, num_samples=3, eos_id=5)
+    assert out.shape[0] == 6 and lens.shape == (6,)
+    for i, p in enumerate(prompts):
+        alone, n = m.generate([p], 12, temperature=0, eos_id=5)
+        for r in range(3 * i, 3 * i + 3):  # greedy: all G copies equal the prompt's own answer
+            assert int(lens[r]) == int(n[0]) and torch.equal(out[r, :int(n[0])], alone[0, :int(n[0])])
+    # sampled: the expanded rows differ from each other, and the recompute path expands the same way
+    s, _ = m.generate(prompts, 12, temperature=1.0, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert s.shape[0] == 8 and not all(torch.equal(s[0], s[r]) for r in range(1, 4))
+    b, _ = m.generate(prompts, 12, temperature=0, num_samples=3, eos_id=5, use_cache=False)
+    assert torch.equal(b[:, :out.shape[1]], out)
+
+
 def test_generate_rejects_a_budget_beyond_block_size():
     with pytest.raises(ValueError, match="fewer new tokens"):
         tiny().generate(torch.zeros(1, 40, dtype=torch.long), 30)
