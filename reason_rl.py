@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -34,13 +33,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from data.loader import DataError, load_meta
+from config import UserError, cli
+from data.loader import load_meta
 from data.tasks import LEVELS, STYLES, TaskConfig, check_answer, prompt_text, sample_problems, style_of
 from data.tokenizer import load_tokenizer
 from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
 from model import GPT, config_from_dict
-from train import (UserError, autocast_for, dataset_dir, ensure_dataset, load_checkpoint, parse_config,
-                   pick_device, rng_state, save_checkpoint, set_rng_state)
+from train import (autocast_for, dataset_dir, ensure_dataset, load_checkpoint, pick_device, rng_state,
+                   save_checkpoint, set_rng_state)
 
 LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")
 
@@ -602,15 +602,7 @@ def _plot(results, path):
 
 
 def main(argv=None):
-    try:
-        cfg, explicit = parse_config(RLConfig, sys.argv[1:] if argv is None else argv)
-        sweep(cfg, explicit) if cfg.sweep else run(cfg, explicit)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
+    cli(RLConfig, lambda cfg, explicit: sweep(cfg, explicit) if cfg.sweep else run(cfg, explicit), argv)
 
 
 if __name__ == "__main__":

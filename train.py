@@ -15,22 +15,20 @@ Ideas it rests on:
 - Evaluation of the reasoning corpus is greedy generation on held-out test problems: accuracy and mean generated
   tokens per difficulty level, untagged (the model picks its style) or with a forced style.
 """
-import difflib
 import json
 import math
 import os
 import random
-import sys
 import time
-import tomllib
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from data.loader import Batches, DataError, load_meta, open_tokens
+from config import UserError, cli, parse_config  # noqa: F401  (parse_config: other programs and the tests use it)
+from data.loader import Batches, load_meta, open_tokens
 from data.tasks import STYLES, TaskConfig, check_answer, held_out_problems, prompt_text
 from data.tokenizer import load_tokenizer
 from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
@@ -40,10 +38,6 @@ from kernels import linear_cross_entropy
 import quant
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, nothing saved is touched."""
 
 
 @dataclass
@@ -105,68 +99,6 @@ class TrainConfig:
 
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "block_size", "bias")
-
-# ----------------------------------------------------------------------------- configuration
-
-
-def _convert(name, typ, value):
-    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
-        return value
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        if typ is bool and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        try:
-            if typ in (int, float):
-                return typ(value)
-        except ValueError:
-            pass
-        if typ is str:
-            return value
-    raise UserError(f"--{name} expects {typ.__name__}, got {value!r}")
-
-
-def parse_config(cls, argv):
-    """(config, names set explicitly) from `--key value`, `--key=value`, bare `--flag` (bools) and
-    `--config file.toml`. Unknown keys are errors that name the closest fields."""
-    types = {f.name: f.type for f in fields(cls)}
-    given, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: flags look like --name value or --name=value")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                val, i = argv[i + 1], i + 1
-            elif types.get(key) is bool:
-                val = "true"
-            elif key in types or key == "config":
-                raise UserError(f"--{key} needs a value")
-        given[key] = val
-        i += 1
-    values = {}
-    if "config" in given:
-        path = given.pop("config")
-        try:
-            with open(path, "rb") as f:
-                values.update(tomllib.load(f))
-        except FileNotFoundError:
-            raise UserError(f"config file {path} not found")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid TOML: {str(e).splitlines()[0]}")
-        except IsADirectoryError:
-            raise UserError(f"config file {path} is a directory")
-    values.update(given)
-    for key in values:
-        if key not in types:
-            close = difflib.get_close_matches(key, list(types), n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see TrainConfig in the file"
-            raise UserError(f"unknown flag --{key}{hint}")
-    cfg = cls(**{k: _convert(k, types[k], v) for k, v in values.items()})
-    return cfg, set(values)
-
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -699,15 +631,7 @@ def final_evaluation(model, tok, task, cfg, meta, val_tokens, ctx, device, maste
 
 
 def main(argv=None):
-    try:
-        cfg, explicit = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-        run(cfg, explicit)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
+    cli(TrainConfig, run, argv)
 
 
 if __name__ == "__main__":

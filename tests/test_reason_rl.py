@@ -11,7 +11,7 @@ import reason_rl as rl
 from data.prepare import prepare_reasoning
 from data.tasks import TaskConfig
 from model import GPT, GPTConfig
-from train import save_checkpoint
+from train import parse_config, save_checkpoint
 
 sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
 
@@ -191,7 +191,7 @@ def parity_reward(monkeypatch):
 
 def test_short_run_writes_metrics_and_summary(tiny_ckpt, tmp_path, parity_reward):
     out = str(tmp_path / "run")
-    summary = rl.run(*rl.parse_config(rl.RLConfig, ARGS + ["--init_from", tiny_ckpt, "--out_dir", out]))
+    summary = rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", tiny_ckpt, "--out_dir", out]))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     steps = [r for r in recs if "reward" in r]
@@ -208,9 +208,9 @@ def test_short_run_writes_metrics_and_summary(tiny_ckpt, tmp_path, parity_reward
 def test_resume_is_exact(tiny_ckpt, tmp_path, parity_reward):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ARGS + ["--init_from", tiny_ckpt, "--temperature", "1.0", "--kl_coef", "0.1", "--epochs", "2"]
-    rl.run(*rl.parse_config(rl.RLConfig, common + ["--out_dir", a]))
-    assert rl.run(*rl.parse_config(rl.RLConfig, common + ["--out_dir", b, "--stop_after", "1"])) is None
-    rl.run(*rl.parse_config(rl.RLConfig, ["--resume", "--out_dir", b]))
+    rl.run(*parse_config(rl.RLConfig, common + ["--out_dir", a]))
+    assert rl.run(*parse_config(rl.RLConfig, common + ["--out_dir", b, "--stop_after", "1"])) is None
+    rl.run(*parse_config(rl.RLConfig, ["--resume", "--out_dir", b]))
     ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
