@@ -153,6 +153,17 @@ def default_model_config(vocab_size=259):
                      n_embd=d.n_embd, rope_heads=d.rope_heads, bias=d.bias), d.batch_size
 
 
+def train_step(model, opt, x, ctx):
+    """One training step on x (its own targets): forward under ctx, backward, update, clear the gradients."""
+    def step():
+        with ctx:
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 @section("train")
 def bench_train(args):
     """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens."""
@@ -171,13 +182,7 @@ def bench_train(args):
         model = GPT(cfg).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
-
-        def step():
-            with ctx:
-                _, loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(model, opt, x, ctx)
         reset_peak_memory(args.device)
         t = median_time(step, args.device, warmup=1, iters=2 if args.quick or not cuda else 10)
         tps = batch * cfg.block_size / t
@@ -299,17 +304,7 @@ def bench_qat(args):
     models = {"float": base, **{s: quant.quantize_(copy.deepcopy(base), s) for s in specs}}
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
 
-    def make_step(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with ctx:
-                _, loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-    steps = {k: make_step(m) for k, m in models.items()}
+    steps = {k: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, ctx) for k, m in models.items()}
     times = {k: [] for k in steps}
     for r in range(1 + (3 if args.quick else 10)):  # round 0 is the untimed warm-up
         for k, step in steps.items():
