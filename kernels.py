@@ -5,8 +5,11 @@ Int4 weight-only matmul, y = x @ W.T, with W[n, k] = (q[n, k] - zeros[n, k // g]
     pack_int4(q) / unpack_int4(packed)           the packed layout below
     dequantize_int4(packed, scales, zeros, g)    pure torch: the reference, the CPU fallback and quant.py's helper
     int4_matmul(x, packed, scales, zeros, g)     the entry point; differentiable w.r.t. x (the weights are frozen)
+    int4_matmul(x, packed, scales, None, g, lut=NF4_LEVELS)   NF4: W[n, k] = lut[q[n, k]] * scales[n, k // g]
+    int4_matmul(..., backend="chunked")          CPU: dequantize a block of rows of W at a time, forward and backward
 
-Three kernels, each behind a launcher (checks, grid) and one autograd Function:
+Three kernels, each behind a launcher (checks, grid) and one autograd Function; each has an NF4 variant (constexpr
+NF4) that looks the 16 levels up in a table (a gather from 64 bytes that stay in L1) instead of subtracting a zero:
     _int4_gemv_kernel   decode, M <= 4: streams each weight word once; scale and zero applied once per group
     _int4_gemm_kernel   M > 4: dequantizes a K-block of W in registers into tl.dot (tensor cores); split-K at small M
     _int4_dx_kernel     backward, dX = dY @ W: the same packed words, now reduced over N; no repacking, no dense W
@@ -70,22 +73,57 @@ def unpack_int4(packed):
     return q.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def dequantize_int4(packed, scales, zeros, group_size, dtype=torch.float32):
-    """W (N, K) in `dtype`, computed in fp32 (fp64 when dtype is fp64) and rounded once."""
+def dequantize_int4(packed, scales, zeros, group_size, dtype=torch.float32, lut=None):
+    """W (N, K) in `dtype`, computed in fp32 (fp64 when dtype is fp64) and rounded once.
+    lut: a 16-entry level table (NF4): W = lut[q] * s, and zeros is ignored (None)."""
     q = unpack_int4(packed)
     N, K = q.shape
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if lut is not None:
+        q = lut.to(compute)[q.long()].view(N, K // group_size, group_size)
+        return (q * scales.to(compute).unsqueeze(-1)).view(N, K).to(dtype)
     q = q.view(N, K // group_size, group_size).to(compute)
     w = (q - zeros.to(compute).unsqueeze(-1)) * scales.to(compute).unsqueeze(-1)
     return w.view(N, K).to(dtype)
 
 
-def int4_matmul_reference(x, packed, scales, zeros, group_size):
+def int4_matmul_reference(x, packed, scales, zeros, group_size, lut=None):
     """x @ W.T in x's dtype through a dense dequantized W; autograd gives dX = dY @ W."""
-    return x @ dequantize_int4(packed, scales, zeros, group_size, x.dtype).T
+    return x @ dequantize_int4(packed, scales, zeros, group_size, x.dtype, lut).T
 
 
-def _check_args(x, packed, scales, zeros, group_size):
+CHUNK_ELEMENTS = 1 << 20  # weights dequantized at a time by the chunked torch path (4 MiB in fp32)
+
+
+def _chunks(packed, group_size):
+    rows = max(1, CHUNK_ELEMENTS // (packed.shape[1] * 8))
+    return range(0, packed.shape[0], rows), rows
+
+
+def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):
+    """y = x @ W.T (2-D x) dequantizing W a block of rows at a time: no dense W is ever held whole."""
+    N = packed.shape[0]
+    y = x.new_empty(x.shape[0], N)
+    starts, rows = _chunks(packed, group_size)
+    for n0 in starts:
+        sl = slice(n0, n0 + rows)
+        w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, x.dtype, lut)
+        torch.matmul(x, w.T, out=y[:, sl])
+    return y
+
+
+def int4_matmul_dx_chunked(dy, packed, scales, zeros, group_size, lut=None):
+    """dX = dY @ W (2-D dY), W dequantized a block of rows at a time."""
+    dx = dy.new_zeros(dy.shape[0], packed.shape[1] * 8)
+    starts, rows = _chunks(packed, group_size)
+    for n0 in starts:
+        sl = slice(n0, n0 + rows)
+        w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, dy.dtype, lut)
+        dx.addmm_(dy[:, sl], w)
+    return dx
+
+
+def _check_args(x, packed, scales, zeros, group_size, lut=None):
     """One-line errors for everything a kernel would otherwise get wrong silently."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
@@ -98,13 +136,18 @@ def _check_args(x, packed, scales, zeros, group_size):
         raise ValueError(f"K={K} is not a multiple of group_size={group_size}; pad K (zero columns of x and W)")
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"x has shape {tuple(x.shape)} but the packed weight has K={K} (its last dim * 8)")
-    for name, t, ok in (("scales", scales, _X_DTYPES), ("zeros", zeros, _ZERO_DTYPES)):
+    if lut is not None and (lut.shape != (16,) or lut.dtype != torch.float32):
+        raise ValueError(f"lut must be a float32 table of 16 levels, got {lut.dtype} {tuple(lut.shape)}")
+    if lut is None and zeros is None:
+        raise ValueError("zeros is None: give the zero points, or a 16-level lut (NF4) instead")
+    pairs = (("scales", scales, _X_DTYPES),) + ((("zeros", zeros, _ZERO_DTYPES),) if lut is None else ())
+    for name, t, ok in pairs:
         if t.dtype not in ok:
             raise TypeError(f"{name} must have dtype in {ok}, got {t.dtype}")
         if tuple(t.shape) != (N, K // group_size):
             raise ValueError(f"{name} must have shape (N, K // group_size) = {(N, K // group_size)}, "
                              f"got {tuple(t.shape)}")
-    devices = {t.device for t in (x, packed, scales, zeros)}
+    devices = {t.device for t in (x, packed, scales, zeros if lut is None else lut)}
     if len(devices) > 1:
         raise ValueError(f"x, packed, scales and zeros must be on one device, got {sorted(map(str, devices))}")
     return N, K
@@ -121,6 +164,23 @@ def _unpack_nibbles(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     # gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)
     q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return tl.reshape(q, (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _levels(q, lut_ptr, NF4: tl.constexpr):
+    """NF4: the table's level for each code (a gather from 16 fp32 values that stay in L1); else the code."""
+    if NF4:
+        return tl.load(lut_ptr + q.to(tl.int32))
+    return q
+
+
+@triton.jit
+def _dequant_tile(words, s, z, lut_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr):
+    """[ROWS, BLOCK_K // 8] words and one scale (and zero) per row -> [ROWS, BLOCK_K] fp32 weights."""
+    q = _unpack_nibbles(words, ROWS, BLOCK_K)
+    if NF4:
+        return tl.load(lut_ptr + q.to(tl.int32)) * s[:, None]
+    return (q - z[:, None]) * s[:, None]
 
 
 @triton.jit
@@ -171,14 +231,15 @@ def _prune_gemv(configs, named_args, **kwargs):
     return _distinct(c for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "NF4"],
                  prune_configs_by={"early_config_prune": _prune_gemv})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                      M_BUCKET, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """y[:M, n-block] for M <= BLOCK_M <= 4 rows; each program streams BLOCK_N rows of W once, over all of K."""
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                      stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NF4: tl.constexpr = False):
+    """y[:M, n-block] for M <= BLOCK_M <= 4 rows; each program streams BLOCK_N rows of W once, over all of K.
+    NF4: W = lut[q] * s (a 16-entry table, no zeros) instead of (q - z) * s."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -198,9 +259,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, str
             x_ok = m_ok[:, None] & (k0 + rk < K)[None, :]
             sz_ok = n_ok[:, None] & (k0 + rg * GROUP_SIZE < K)[None, :]
         words = tl.load(w_ptrs + k0 // 8, mask=w_ok, other=0)
-        q = tl.reshape(_unpack_nibbles(words, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+        q = _levels(_unpack_nibbles(words, BLOCK_N, BLOCK_K), lut_ptr, NF4)
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
         s = tl.load(s_ptr + sz_offs + k0 // GROUP_SIZE, mask=sz_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_offs + k0 // GROUP_SIZE, mask=sz_ok, other=0.0).to(tl.float32)
+        if NF4:
+            z = tl.zeros((BLOCK_N, BLOCK_K // GROUP_SIZE), dtype=tl.float32)
+        else:
+            z = tl.load(z_ptr + sz_offs + k0 // GROUP_SIZE, mask=sz_ok, other=0.0).to(tl.float32)
         xs = tl.load(x_ptrs + k0, mask=x_ok, other=0.0).to(tl.float32)
         for m in tl.static_range(BLOCK_M):
             x = tl.sum(tl.where(rm[:, None] == m, xs, 0.0), axis=0)  # row m of the [BLOCK_M, BLOCK_K] x block
@@ -238,12 +303,13 @@ def _prune_gemm(configs, named_args, **kwargs):
     return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"], reset_to_zero=["y_ptr"],
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "NF4"], reset_to_zero=["y_ptr"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
-def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, M_BUCKET,
-                      GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr = 8):
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                      stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      GROUP_N: tl.constexpr = 8, NF4: tl.constexpr = False):
     """A [BLOCK_N, BLOCK_M] tile of y.T = W @ x.T; program axis 1 splits K (atomic fp32 adds when SPLIT_K > 1).
     BLOCK_K divides GROUP_SIZE, so a K-block has one scale and one zero per row, and K needs no mask."""
     pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
@@ -256,9 +322,11 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, str
     for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
         words = tl.load(w_ptrs + k0 // 8, mask=n_ok[:, None], other=0)
         s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0).to(tl.float32)
+        z = s  # NF4: unused
+        if not NF4:
+            z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-        w = ((_unpack_nibbles(words, BLOCK_N, BLOCK_K) - z[:, None]) * s[:, None]).to(x.dtype)
+        w = _dequant_tile(words, s, z, lut_ptr, BLOCK_N, BLOCK_K, NF4).to(x.dtype)
         acc = _dot(w, tl.trans(x), acc, DOT_PRECISION)
     y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
     if SPLIT_K == 1:
@@ -282,12 +350,13 @@ def _prune_dx(configs, named_args, **kwargs):
                      if c.kwargs["BLOCK_M"] <= max(bucket, 16))
 
 
-@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "NF4"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit
-def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, stride_dym, stride_wn, stride_sn, stride_dxm,
-                    M_BUCKET, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, lut_ptr, M, N, K, stride_dym, stride_wn, stride_sn,
+                    stride_dxm, M_BUCKET, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8,
+                    NF4: tl.constexpr = False):
     """A [BLOCK_M, BLOCK_K] tile of dX = dY @ W, looping over N; W's words are read in the forward's layout."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -301,10 +370,12 @@ def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, stride_dym, st
         n_ok = rn < N
         words = tl.load(w_ptr + rn[:, None] * stride_wn + rw[None, :], mask=n_ok[:, None], other=0)
         s = tl.load(s_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)
+        z = s  # NF4: unused
+        if not NF4:
+            z = tl.load(z_ptr + rn * stride_sn + group, mask=n_ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :],
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w = ((_unpack_nibbles(words, BLOCK_N, BLOCK_K) - z[:, None]) * s[:, None]).to(dy.dtype)
+        w = _dequant_tile(words, s, z, lut_ptr, BLOCK_N, BLOCK_K, NF4).to(dy.dtype)
         acc = _dot(dy, w, acc, DOT_PRECISION)
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -322,18 +393,22 @@ def _dot_precision(dtype):
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _prepare(a, packed, scales, zeros):
+def _prepare(a, packed, scales, zeros, lut=None):
+    """Contiguous operands; with a lut (NF4) the kernels get it, and the scales in place of the unused zeros."""
     if not (a.is_cuda or _INTERPRET):
         raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                          "imported); use backend='torch' or 'auto' on CPU")
     a = a if a.stride(-1) == 1 else a.contiguous()
-    return a, packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    scales = scales.contiguous()
+    zeros = scales if lut is not None else zeros.contiguous()
+    return a, packed.contiguous(), scales, zeros, (scales if lut is None else lut.contiguous())
 
 
-def int4_matmul_triton(x, packed, scales, zeros, group_size):
+def int4_matmul_triton(x, packed, scales, zeros, group_size, lut=None):
     """y = x @ W.T for a 2-D x (M, K), by the GEMV (M <= 4) or the GEMM kernel; no autograd."""
-    N, K = _check_args(x, packed, scales, zeros, group_size)
-    x, packed, scales, zeros = _prepare(x, packed, scales, zeros)
+    N, K = _check_args(x, packed, scales, zeros, group_size, lut)
+    nf4 = lut is not None
+    x, packed, scales, zeros, lut = _prepare(x, packed, scales, zeros, lut)
     M = x.shape[0]
     if M == 0:
         return x.new_zeros(0, N)
@@ -341,9 +416,9 @@ def int4_matmul_triton(x, packed, scales, zeros, group_size):
     if M <= GEMV_MAX_M:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-        _int4_gemv_kernel[grid](x, packed, scales, zeros, y, M, N, K, x.stride(0), packed.stride(0),
+        _int4_gemv_kernel[grid](x, packed, scales, zeros, y, lut, M, N, K, x.stride(0), packed.stride(0),
                                 scales.stride(0), y.stride(0), bucket,
-                                GROUP_SIZE=group_size, BLOCK_M=bucket)
+                                GROUP_SIZE=group_size, BLOCK_M=bucket, NF4=nf4)
         return y
     # split-K programs add into a zeroed fp32 buffer; large M stores straight into the output dtype
     if bucket <= SPLIT_K_MAX_BUCKET:
@@ -351,60 +426,67 @@ def int4_matmul_triton(x, packed, scales, zeros, group_size):
     else:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
-    _int4_gemm_kernel[grid](x, packed, scales, zeros, y, M, N, K, x.stride(0), packed.stride(0),
+    _int4_gemm_kernel[grid](x, packed, scales, zeros, y, lut, M, N, K, x.stride(0), packed.stride(0),
                             scales.stride(0), y.stride(0), bucket,
-                            GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(x.dtype))
+                            GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(x.dtype), NF4=nf4)
     return y.to(x.dtype)
 
 
-def int4_matmul_dx_triton(dy, packed, scales, zeros, group_size):
+def int4_matmul_dx_triton(dy, packed, scales, zeros, group_size, lut=None):
     """dX = dY @ W for a 2-D dY (M, N), in dY's dtype; no autograd."""
     N, K = packed.shape[0], packed.shape[1] * 8
     if dy.dim() != 2 or dy.shape[1] != N:
         raise ValueError(f"dy must have shape (M, N={N}), got {tuple(dy.shape)}")
-    _check_args(dy.new_empty(0, K), packed, scales, zeros, group_size)
-    dy, packed, scales, zeros = _prepare(dy, packed, scales, zeros)
+    _check_args(dy.new_empty(0, K), packed, scales, zeros, group_size, lut)
+    nf4 = lut is not None
+    dy, packed, scales, zeros, lut = _prepare(dy, packed, scales, zeros, lut)
     M = dy.shape[0]
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
     if M == 0:
         return dx
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * (K // meta["BLOCK_K"]),)
-    _int4_dx_kernel[grid](dy, packed, scales, zeros, dx, M, N, K, dy.stride(0), packed.stride(0),
+    _int4_dx_kernel[grid](dy, packed, scales, zeros, dx, lut, M, N, K, dy.stride(0), packed.stride(0),
                           scales.stride(0), dx.stride(0), _m_bucket(M),
-                          GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(dy.dtype))
+                          GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(dy.dtype), NF4=nf4)
     return dx
 
 
 class Int4MatmulFunction(torch.autograd.Function):
-    """y = x @ W.T through the Triton kernels, gradient w.r.t. the 2-D x only (the weights are frozen buffers)."""
+    """y = x @ W.T through the Triton kernels (or, chunked=True, the chunked torch path), gradient w.r.t. the 2-D x
+    only (the weights are frozen buffers); only the packed weight is kept for backward, never a dense W."""
 
     @staticmethod
-    def forward(ctx, x, packed, scales, zeros, group_size):
-        ctx.save_for_backward(packed, scales, zeros)
-        ctx.group_size = group_size
-        return int4_matmul_triton(x, packed, scales, zeros, group_size)
+    def forward(ctx, x, packed, scales, zeros, group_size, lut=None, chunked=False):
+        ctx.save_for_backward(packed, scales, zeros, lut)
+        ctx.group_size, ctx.chunked = group_size, chunked
+        fn = int4_matmul_chunked if chunked else int4_matmul_triton
+        return fn(x, packed, scales, zeros, group_size, lut)
 
     @staticmethod
     def backward(ctx, dy):
-        packed, scales, zeros = ctx.saved_tensors
+        packed, scales, zeros, lut = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = int4_matmul_dx_triton(dy, packed, scales, zeros, ctx.group_size)
-        return dx, None, None, None, None
+            fn = int4_matmul_dx_chunked if ctx.chunked else int4_matmul_dx_triton
+            dx = fn(dy.contiguous(), packed, scales, zeros, ctx.group_size, lut)
+        return dx, None, None, None, None, None, None
 
 
-def int4_matmul(x, packed, scales, zeros, group_size, backend="auto"):
+def int4_matmul(x, packed, scales, zeros, group_size, backend="auto", lut=None):
     """y (..., N) = x (..., K) @ W.T in x's dtype, W from the packed int4 weight (see the module docstring).
 
     backend: "triton" always runs the Triton kernels (on CPU only under TRITON_INTERPRET=1), "torch" the
-    dequantize-then-matmul reference, "auto" Triton for CUDA tensors and the reference elsewhere.
+    dequantize-then-matmul reference, "chunked" the torch path that dequantizes a block of rows of W at a time in
+    the forward and again in the backward (no dense W kept between them: the CPU path of LoRA's 4-bit bases),
+    "auto" Triton for CUDA tensors and the reference elsewhere.
+    lut: a float32 table of 16 levels for NF4 codes (W = lut[q] * s; zeros is then None).
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    N, K = _check_args(x, packed, scales, zeros, group_size)
+    if backend not in ("auto", "triton", "torch", "chunked"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'chunked', got {backend!r}")
+    N, K = _check_args(x, packed, scales, zeros, group_size, lut)
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return int4_matmul_reference(x, packed, scales, zeros, group_size)
-    y = Int4MatmulFunction.apply(x.reshape(-1, K), packed, scales, zeros, group_size)
+        return int4_matmul_reference(x, packed, scales, zeros, group_size, lut)
+    y = Int4MatmulFunction.apply(x.reshape(-1, K), packed, scales, zeros, group_size, lut, backend == "chunked")
     return y.view(*x.shape[:-1], N)
 
 

@@ -273,7 +273,7 @@ import kernels
 def ptx_for_hopper(kernel, constexprs, num_warps, num_stages):
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn  # unwrap autotune / heuristics
-    ptrs = {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32"}
+    ptrs = {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "lut_ptr": "*fp32"}
     sig = {a: "constexpr" if a in constexprs else ptrs.get(a, "*bf16") if a.endswith("_ptr") else "i32"
            for a in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
@@ -283,16 +283,19 @@ def ptx_for_hopper(kernel, constexprs, num_warps, num_stages):
                           options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
 
 gemv = ptx_for_hopper(kernels._int4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=1, BLOCK_N=16, BLOCK_K=512,
-                                                       EVEN_K=True), 4, 2)
+                                                       EVEN_K=True, NF4=False), 4, 2)
 gemm = ptx_for_hopper(kernels._int4_gemm_kernel, dict(GROUP_SIZE=128, DOT_PRECISION="tf32", BLOCK_M=128,
-                                                       BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_N=8), 8, 3)
+                                                       BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_N=8, NF4=False), 8, 3)
 dx = ptx_for_hopper(kernels._int4_dx_kernel, dict(GROUP_SIZE=128, DOT_PRECISION="tf32", BLOCK_M=128,
-                                                   BLOCK_K=128, BLOCK_N=64, GROUP_M=8), 8, 3)
+                                                   BLOCK_K=128, BLOCK_N=64, GROUP_M=8, NF4=False), 8, 3)
+nf4 = ptx_for_hopper(kernels._int4_gemm_kernel, dict(GROUP_SIZE=64, DOT_PRECISION="tf32", BLOCK_M=128,
+                                                      BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_N=8, NF4=True), 8, 3)
 print("gemv_v4_loads", gemv.count("ld.global.v4"))
 print("gemv_cvt_from_int", gemv.count("cvt.rn.f32.s32") + gemv.count("cvt.rn.f32.u32"))
 print("gemm_wgmma", gemm.count("wgmma.mma_async"))
 print("gemm_async_16B", gemm.count("cp.async.cg.shared.global"))
 print("dx_wgmma", dx.count("wgmma.mma_async"))
+print("nf4_wgmma", nf4.count("wgmma.mma_async"))
 '''
 
 
@@ -311,6 +314,7 @@ def test_kernels_build_for_hopper_with_wgmma_and_wide_loads(tmp_path):
     assert found["gemv_v4_loads"] > 0, "the GEMV should read weights with 16-byte loads"
     assert found["gemv_cvt_from_int"] == 0, "nibbles should become floats by the exponent trick, not cvt"
     assert found["gemm_wgmma"] > 0 and found["dx_wgmma"] > 0, "tl.dot should lower to Hopper's wgmma"
+    assert found["nf4_wgmma"] > 0, "the NF4 table variant should build and still use wgmma"
     assert found["gemm_async_16B"] > 0, "GEMM tiles should be staged by 16-byte cp.async"
 
 
