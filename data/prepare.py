@@ -2,6 +2,7 @@
 
     python data/prepare.py reasoning                       # the built-in reasoning corpus -> data/reasoning/
     python data/prepare.py reasoning --style_mix 0.3,0.4,0.3 --out data/reasoning_mix
+    python data/prepare.py subtraction                     # the fine-tuning task (a - b, borrow working) -> data/subtraction/
     python data/prepare.py text --input my.txt --out data/mytext --tokenizer bpe --vocab_size 2048
 
 Ideas it rests on:
@@ -22,7 +23,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.tasks import FORMAT_VERSION, TaskConfig, make_examples  # noqa: E402
+from data.tasks import FORMAT_VERSION, TaskConfig, make_examples, subtraction_task  # noqa: E402
 from data.tokenizer import byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, save_bpe, train_bpe  # noqa: E402
 
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -114,15 +115,16 @@ def prepare_text(input_path, out_dir, tokenizer="bytes", vocab_size=2048, val_fr
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare a dataset for train.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="mode", required=True)
-    r = sub.add_parser("reasoning", help="the built-in reasoning corpus", allow_abbrev=False)
-    r.add_argument("--out", default=os.path.join(DATA_ROOT, "reasoning"))
-    defaults = TaskConfig()
-    for f in fields(TaskConfig):
-        v = getattr(defaults, f.name)
-        kind = (lambda s, t=type(v[0]): tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
-            (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-        r.add_argument(f"--{f.name}", type=kind, default=v,
-                       help=f"default {','.join(map(str, v)) if isinstance(v, tuple) else v}")
+    for mode, defaults, what in (("reasoning", TaskConfig(), "the built-in reasoning corpus (addition)"),
+                                 ("subtraction", subtraction_task(), "the fine-tuning task: subtraction")):
+        r = sub.add_parser(mode, help=what, allow_abbrev=False)
+        r.add_argument("--out", default=os.path.join(DATA_ROOT, mode))
+        for f in fields(TaskConfig):
+            v = getattr(defaults, f.name)
+            kind = (lambda s, t=type(v[0]): tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
+                (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+            r.add_argument(f"--{f.name}", type=kind, default=v,
+                           help=f"default {','.join(map(str, v)) if isinstance(v, tuple) else v}")
     t = sub.add_parser("text", help="tokenize a text file", allow_abbrev=False)
     t.add_argument("--input", required=True)
     t.add_argument("--out", required=True)
@@ -131,7 +133,7 @@ def main(argv=None):
     t.add_argument("--val_fraction", type=float, default=0.1)
     args = p.parse_args(argv)
     try:
-        if args.mode == "reasoning":
+        if args.mode in ("reasoning", "subtraction"):
             cfg = TaskConfig(**{f.name: getattr(args, f.name) for f in fields(TaskConfig)})
             prepare_reasoning(args.out, cfg)
         else:

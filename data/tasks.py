@@ -1,4 +1,5 @@
-"""Synthetic verifiable reasoning tasks: multi-digit addition at four levels of difficulty, in three answer styles.
+"""Synthetic verifiable reasoning tasks: multi-digit addition at four levels of difficulty, in three answer styles;
+and subtraction (levels 5 and 6), the fine-tuning task that pre-training never shows (data/prepare.py subtraction).
 
 Ideas it rests on:
 - Every problem has one checkable final answer, written on the last line as `answer: N`; `extract_answer` reads it.
@@ -33,8 +34,21 @@ LEVELS = {
     3: (2, (3, 4)),
     4: (3, (2, 2)),   # multi-operand, multi-digit: needs the working
 }
+# the fine-tuning task (python data/prepare.py subtraction): a - b with a >= b, both operands of these digits; a
+# problem is the operand tuple (a, -b), so its answer is still sum(operands) and `answer: N` checks it
+SUB_LEVELS = {
+    5: (2, 2),
+    6: (3, 3),
+}
 SPLITS = {"test": (0, 30), "val": (30, 35), "train": (35, 100)}  # hash buckets out of 100
 _ANSWER_RE = re.compile(r"answer: (-?\d+)")
+
+
+def subtraction_task(**overrides):
+    """The fine-tuning task's settings: subtraction only (levels 5 and 6), minimal working only (a new operation
+    and a new tag the pre-trained model has never seen), a smaller corpus than pre-training's."""
+    return TaskConfig(**{**dict(levels=(5, 6), level_weights=(0.4, 0.6), style_mix=(0.0, 1.0, 0.0),
+                                train_examples=30_000, val_examples=1_000, test_per_level=200), **overrides})
 
 
 @dataclass
@@ -50,8 +64,9 @@ class TaskConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        if any(level not in LEVELS for level in self.levels):
-            raise ValueError(f"levels {self.levels} must be among {sorted(LEVELS)}")
+        if any(level not in LEVELS and level not in SUB_LEVELS for level in self.levels):
+            raise ValueError(f"levels {self.levels} must be among {sorted(LEVELS)} (addition) or "
+                             f"{sorted(SUB_LEVELS)} (subtraction)")
         if len(self.level_weights) != len(self.levels) or min(self.level_weights) < 0:
             raise ValueError("level_weights needs one non-negative weight per level")
         if len(self.style_mix) != len(STYLES) or min(self.style_mix) < 0 or sum(self.style_mix) <= 0:
@@ -68,6 +83,10 @@ def split_of(operands):
 
 
 def _draw_operands(level, rng):
+    if level in SUB_LEVELS:
+        dmin, dmax = SUB_LEVELS[level]
+        a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(dmin, dmax) for _ in range(2)))
+        return (max(a, b), -min(a, b))
     n_ops, (dmin, dmax) = LEVELS[level]
     ops = []
     for _ in range(n_ops):
@@ -78,6 +97,8 @@ def _draw_operands(level, rng):
 
 def _all_problems(level):
     """The whole problem space when it is small enough to enumerate (level 1), else None."""
+    if level in SUB_LEVELS:
+        return None
     n_ops, (dmin, dmax) = LEVELS[level]
     if n_ops == 2 and dmax == 1:
         return [(a, b) for a in range(10) for b in range(10)]
@@ -108,10 +129,28 @@ def sample_problems(level, split, n, rng, distinct=False):
 def prompt_text(operands, style=None, budget=None):
     """The prompt the model sees: the problem line, a token budget line when one is given (read by models that
     reason_rl.py trains with a target length), and the style tag when a style is forced."""
-    q = "+".join(map(str, operands)) + "\n"
+    q = problem_text(operands) + "\n"
     if budget is not None:
         q += f"budget: {budget}\n"
     return q + f"[{style}]\n" if style else q
+
+
+def problem_text(operands):
+    """47+85, 12+3+40, or 47-25 for the subtraction problem (47, -25)."""
+    return str(operands[0]) + "".join(f"+{x}" if x >= 0 else f"-{-x}" for x in operands[1:])
+
+
+def _sub_working_lines(a, b):
+    """Subtraction a - b (a >= b), one line per column, least-significant first, `da-db-borrow_in=d|partial bOUT`:
+    d = da - db - borrow_in (from -10 to 9), the result digit d mod 10, and a borrow out when d < 0."""
+    lines, partial, borrow = [], "", 0
+    for i in range(len(str(a))):
+        da, db = (a // 10 ** i) % 10, (b // 10 ** i) % 10
+        d = da - db - borrow
+        partial = str(d % 10) + partial
+        lines.append(f"{da}-{db}-{borrow}={d}|{partial} b{int(d < 0)}")
+        borrow = int(d < 0)
+    return lines
 
 
 def _columns(operands):
@@ -144,15 +183,24 @@ def answer_text(operands, style, lsd_first=True):
     """The answer in the given style, starting with its tag and ending with `answer: N` (no end token)."""
     total = sum(operands)
     tail = f"answer: {total}"
+    q = problem_text(operands)
     if style == "direct":  # the problem restated, then its result at once: no working
-        body = ["+".join(map(str, operands)) + f"={total}"]
+        body = [q + f"={total}"]
+    elif min(operands) < 0:  # subtraction (a, -b): the borrow working, least-significant first
+        work = _sub_working_lines(operands[0], -operands[1])
+        if style not in ("minimal", "verbose"):
+            raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
+        body = list(work)
+        if style == "verbose":
+            body.append("Check: " + ", ".join(w.split("|")[0] + " ok" for w in work))
+            body.append(f"We subtracted {-operands[1]} from {operands[0]} column by column.")
+            body.append(f"So {q}={total}.")
     else:
         work = _working_lines(operands, lsd_first)
         if style == "minimal":
             body = [w for w, _ in work]
         elif style == "verbose":
             # padding after the working, never before it: the working itself is the minimal one, line for line
-            q = "+".join(map(str, operands))
             body = [w for w, _ in work]
             body.append("Check: " + ", ".join(w.split("|")[0] + " ok" for w, _ in work))
             body.append(f"We added {' and '.join(map(str, operands))} column by column.")
