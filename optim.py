@@ -19,6 +19,12 @@ Ideas it rests on (Dettmers et al., "8-bit Optimizers via Block-wise Quantizatio
   requantize, with fp32 temporaries the size of a chunk; the moments are kept scaled by 1 / (1 - beta) inside a
   chunk so each Adam line is one fused torch op. On CUDA the same step is one Triton kernel
   (kernels.adamw8bit_step_triton), tested against this path.
+- One pass on CPU: the chunked path costs ~20 torch ops per 128 KiB chunk, and op dispatch, not arithmetic,
+  bounds it. For fp32 tensors of at least COMPILE_MIN elements the CPU step is the same math written once on
+  whole (blocks, block_size) views and compiled by torch.compile (Inductor's C++ backend: per block one
+  reduction loop for the new scales, one loop that updates and requantizes; vectorized, on torch's threads).
+  It compiles once per process (dynamic shapes, ~10-40 s, cached on disk by Inductor after that), so small
+  tensors, and machines where compiling fails, keep the chunked path (a warning says so once).
 
 Non-finite gradients: a block whose gradient holds a NaN or an Inf (or whose v would overflow) is skipped for
 that step: its parameters and both moments keep their old values, the other blocks update, and the count of
@@ -42,6 +48,7 @@ _FLT_MIN_T, _INV_M2_T, _V2_T = torch.tensor(FLT_MIN), torch.tensor(1 / M_LEVELS 
 CHUNK_CPU = 1 << 15      # elements per pass on CPU: 128 KiB fp32 temporaries (in L2); torch runs ops this small
                          # on the calling thread, and AdamW8bit spreads the chunks over torch's threads itself
 CHUNK_OTHER = 1 << 22    # GPUs (the torch path, when Triton is not used): few, large launches
+COMPILE_MIN = 1 << 20    # fp32 CPU tensors this large take the compiled one-pass step (backend "auto")
 # the shared code tables: value / scale of each code; CODE_M is indexed by q + 128 (q = -128 is never written)
 _q = torch.arange(-128, 128, dtype=torch.float64).clamp(min=-M_LEVELS)
 CODE_M = (_q * _q.abs() / M_LEVELS ** 2).float()
@@ -177,6 +184,53 @@ def _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, c, views):
     return bad
 
 
+def _update_blocks(p, g, qm, qv, amax_old, wmax_old, k):
+    """The chunked step's math on whole tensors, written for torch.compile (one fused loop per block): p, g fp32
+    and the codes qm int8 / qv uint8 as (nblocks, B) views, updated in place with the scales amax_old, wmax_old
+    (nblocks,); k holds the step's constants (a tensor, so a new learning rate does not recompile). A block with
+    a non-finite value keeps its parameters, codes and scales. Returns the number of such blocks (a 0-d tensor)."""
+    km, kv, eps2, decay, step_size, out_m, out_v = k.unbind()
+    fm, fv = qm.float(), qv.float()
+    m = g + fm * fm.abs() * (amax_old * km)[:, None]      # m~ = g + b1 / (1 - b1) m_old
+    w = fv * fv * (wmax_old * kv)[:, None]                # sqrt(b2 / (1 - b2) v_old)
+    d = (w * w + g * g).sqrt()                            # sqrt(v~)
+    amax, wmax = m.abs().amax(1), d.amax(1)
+    ok = amax.isfinite() & wmax.isfinite()
+    okc = ok[:, None]
+    u = (d * (V_LEVELS ** 2 / wmax.clamp(min=FLT_MIN))[:, None]).sqrt().round().clamp(min=1)
+    q = (m / (m.abs() * (amax * (1 / M_LEVELS ** 2))[:, None] + FLT_MIN).sqrt()).round()
+    p.copy_(torch.where(okc, p * decay - step_size * m / (d + eps2), p))
+    qm.copy_(torch.where(okc, q, fm).to(torch.int8))
+    qv.copy_(torch.where(okc, u, fv).to(torch.uint8))  # straight to uint8: an int16 hop would stop vectorizing
+    amax_old.copy_(torch.where(ok, amax * out_m, amax_old))
+    wmax_old.copy_(torch.where(ok, wmax * out_v, wmax_old))
+    return (~ok).sum()
+
+
+_COMPILED = {}  # "fn": the compiled _update_blocks, or None once compiling has failed in this process
+
+
+def _compiled_step(p, g, st, c):
+    """One fp32 tensor through the compiled step; returns the number of skipped blocks, or None when torch.compile
+    is not available here (the caller then takes the chunked path)."""
+    if _COMPILED.get("fn", 0) is None:
+        return None
+    B = st["m_codes"].numel() // st["m_absmax"].numel()
+    k = torch.tensor([c.km, c.kv / V_LEVELS ** 2, c.eps2, c.decay, c.step_size, c.out_m, c.out_v])
+    args = (p.view(-1, B), g.view(-1, B), st["m_codes"].view(-1, B), st["v_codes"].view(-1, B),
+            st["m_absmax"], st["v_wmax"], k)
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_update_blocks, dynamic=True)
+        try:
+            return int(_COMPILED["fn"](*args))  # compiles here; a failure raises before anything is written
+        except Exception as e:  # no C++ compiler, an unsupported platform, ...
+            _COMPILED["fn"] = None
+            warnings.warn(f"AdamW8bit: torch.compile is not usable here ({type(e).__name__}: {str(e)[:200]}); "
+                          "the CPU step takes the slower chunked path")
+            return None
+    return int(_COMPILED["fn"](*args))
+
+
 def _write_back(dst, src, noise_gen):
     """dst (a bf16 / fp16 / fp32 view) <- src (fp32 scratch, overwritten). bf16 with a generator: stochastic
     rounding, i.e. add uniform noise below bf16's last mantissa bit, then truncate (now exactly representable)."""
@@ -288,16 +342,17 @@ class AdamW8bit(torch.optim.Optimizer):
 
     Per-group options: lr, betas, eps, weight_decay, block_size (a power of two, 16..4096) and min_8bit_size
     (tensors with fewer elements keep fp32 moments). stochastic_rounding: bf16 parameters are written back with
-    stochastic rounding. backend: "auto" (the Triton kernel for CUDA tensors, the chunked torch path elsewhere),
-    "torch" or "triton" (on CPU only under TRITON_INTERPRET=1, for tests).
+    stochastic rounding. backend: "auto" (the Triton kernel for CUDA tensors; on CPU the compiled one-pass step
+    for fp32 tensors of COMPILE_MIN elements or more, the chunked torch path for the rest), "torch" (chunked
+    only), "compile" (compiled wherever it applies) or "triton" (on CPU only under TRITON_INTERPRET=1, for tests).
     State per parameter: step, skipped_blocks, and either m_codes (int8), m_absmax, v_codes (uint8), v_wmax
     (fp32 per block) or exp_avg, exp_avg_sq (fp32); all plain tensors, so torch.load(weights_only=True) works.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256,
                  min_8bit_size=4096, stochastic_rounding=True, backend="auto"):
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in ("auto", "torch", "triton", "compile"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'compile', got {backend!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)  # checks each group through add_param_group
@@ -333,6 +388,13 @@ class AdamW8bit(torch.optim.Optimizer):
             self._pool, self._pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="adamw8bit"), threads - 1
         return have[:threads]
 
+    def _use_compiled(self, p):
+        """The one-pass compiled step: large contiguous fp32 CPU tensors of whole blocks (or backend "compile")."""
+        B = self.state[p]["m_codes"].numel() // self.state[p]["m_absmax"].numel()
+        fits = (p.device.type == "cpu" and p.dtype == p.grad.dtype == torch.float32 and p.is_contiguous()
+                and p.grad.is_contiguous() and p.numel() % B == 0)
+        return fits and (self.backend == "compile" or self.backend == "auto" and p.numel() >= COMPILE_MIN)
+
     def _use_triton(self, p):
         if self.backend != "auto":
             return self.backend == "triton"
@@ -367,6 +429,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 if "m_codes" not in st:
                     gen = None if seed is None else _generator(p.device, seed)
                     self._count_skipped(p, st, _step_fp32(p, p.grad, st, c, gen))
+                elif self._use_compiled(p) and (n := _compiled_step(p, p.grad, st, c)) is not None:
+                    self._count_skipped(p, st, n)
                 elif self._use_triton(p):
                     import kernels  # blocks with a non-finite gradient are counted on the device, without a sync
                     kernels.adamw8bit_step_triton(p, p.grad, st["m_codes"], st["m_absmax"], st["v_codes"],

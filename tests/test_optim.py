@@ -298,8 +298,11 @@ def test_triton_kernel_matches_the_torch_path(dtype):
     if device == "cuda" and dtype != torch.float32:
         tol = dict(rtol=1e-2, atol=1e-3)  # an FMA can move a value across a bf16/fp16 rounding boundary
     torch.testing.assert_close(ps["triton"], ps["torch"], **tol)
+    # one level at most, rarely: torch's CPU kernels contract a * b + c into an FMA on some processors and not on
+    # others (this AMD AVX2 machine differs on one m code of 1536 in bf16), and a GPU's kernel does too
     for key in ("m_codes", "v_codes"):
-        assert (st[key].int() - sk[key].int()).abs().max() <= (0 if device == "cpu" else 1), key
+        diff = (st[key].int() - sk[key].int()).abs()
+        assert diff.max() <= 1 and (diff > 0).sum() <= 3, key
     torch.testing.assert_close(sk["m_absmax"], st["m_absmax"], rtol=1e-6, atol=0)
     torch.testing.assert_close(sk["v_wmax"], st["v_wmax"], rtol=1e-6, atol=0)
     assert int(sk["skipped_blocks"]) == int(st["skipped_blocks"]) == 1
@@ -365,3 +368,87 @@ def test_converges_like_fp32_adamw_on_a_tiny_gpt():
     assert ref[-20:].mean() < 2.6 < 4.5 < ref[0]  # it learned (from log 128 = 4.85)
     assert (ours - ref).abs().max() < 0.02
     assert abs(ours[-20:].mean() - ref[-20:].mean()) < 0.0025 * ref[-20:].mean()
+
+
+# ----------------------------------------------------------------------------- the compiled CPU step
+
+def _compiled_vs_chunked(shapes, steps, bad_at=None):
+    runs = {}
+    for backend in ("torch", "compile"):
+        params = _params(shapes)
+        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=0, backend=backend)
+        for step in range(steps):
+            _grads(params, step)
+            if step == bad_at:
+                params[0].grad[1, 20] = float("nan")  # block 2 of (9, 256): skipped by both paths
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+        runs[backend] = params, opt
+    return runs
+
+
+def test_compiled_step_matches_the_chunked_path():
+    """The compiled one-pass step (torch.compile of optim._update_blocks) against the chunked path: the same
+    operations in fp32, up to the compiler's re-association of a few products, so parameters agree within an
+    ulp or two and a code may cross a rounding boundary (one level, rarely). The (37, 100) tensor is not whole
+    blocks: it takes the chunked path in both."""
+    runs = _compiled_vs_chunked([(9, 512), (37, 100)], steps=4, bad_at=2)
+    (pt, ot), (pc, oc) = runs["torch"], runs["compile"]
+    assert "fn" in optim._COMPILED and optim._COMPILED["fn"] is not None, "torch.compile failed here"
+    for a, b in zip(pt, pc):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        sa, sb = ot.state[a], oc.state[b]
+        for key in ("m_codes", "v_codes"):
+            diff = (sa[key].int() - sb[key].int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2, key
+        torch.testing.assert_close(sb["m_absmax"], sa["m_absmax"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(sb["v_wmax"], sa["v_wmax"], rtol=1e-6, atol=0)
+    assert int(oc.state[pc[0]]["skipped_blocks"]) == int(ot.state[pt[0]]["skipped_blocks"]) == 1
+
+
+def test_compiled_step_skips_a_non_finite_block_and_resumes_bitwise():
+    params = _params([(8, 256)])
+    opt = AdamW8bit(params, lr=1e-2, min_8bit_size=0, backend="compile")
+    _run(params, opt, 2)
+    before = params[0].detach().clone()
+    codes = opt.state[params[0]]["m_codes"].clone()
+    _grads(params, 7)
+    params[0].grad[3, 100] = float("inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        opt.step()
+    changed = (params[0] != before).any(1)
+    assert not changed[3] and changed[[0, 1, 2, 4, 5, 6, 7]].all()
+    assert torch.equal(opt.state[params[0]]["m_codes"].view(8, 256)[3], codes.view(8, 256)[3])
+    assert int(opt.state[params[0]]["skipped_blocks"]) == 1
+    # k steps + state_dict + the rest equals the uninterrupted run, bit for bit
+    full = [p.detach().clone() for p in params]
+    opt2 = AdamW8bit([torch.nn.Parameter(full[0].clone())], lr=1e-2, min_8bit_size=0, backend="compile")
+    opt2.load_state_dict(opt.state_dict())
+    _run(params, opt, 3, start=20)
+    _run(opt2.param_groups[0]["params"], opt2, 3, start=20)
+    assert torch.equal(params[0], opt2.param_groups[0]["params"][0])
+
+
+def test_auto_backend_compiles_only_large_fp32_tensors_and_falls_back_when_compiling_fails(monkeypatch):
+    monkeypatch.setattr(optim, "COMPILE_MIN", 2048)
+    monkeypatch.setattr(optim, "_COMPILED", {})
+
+    def broken(fn, **kw):
+        def fail(*a):
+            raise RuntimeError("no C++ compiler")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    params = _params([(9, 256), (4, 256)])  # 2304 elements: compiled; 1024: chunked
+    ref = _params([(9, 256), (4, 256)])
+    opt = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+    base = AdamW8bit(ref, lr=1e-2, min_8bit_size=0, backend="torch")
+    _grads(params, 0)
+    _grads(ref, 0)
+    with pytest.warns(UserWarning, match="chunked path"):
+        opt.step()  # the failed compile leaves nothing half-written: the chunked path does the step
+    base.step()
+    assert optim._COMPILED["fn"] is None
+    assert opt._use_compiled(params[0]) and not opt._use_compiled(params[1])
+    for a, b in zip(params, ref):
+        assert torch.equal(a, b)
