@@ -320,6 +320,77 @@ def bench_qat(args):
     return rows
 
 
+@section("lora")
+def bench_lora(args):
+    """Fine-tuning memory and speed on a GPT-2-small-shaped model (12 x 768, vocab 50257) at short rows (1 x 128
+    tokens on CPU, 8 x 128 on CUDA): full fine-tuning with fp32 AdamW, LoRA (rank 16 on every block linear) on
+    the frozen float model, QLoRA (the same adapters on an nf4g64 base) with fp32 AdamW, and QLoRA with
+    optim.AdamW8bit. Memory is one training step's peak of live tensors, resident ones (weights, buffers,
+    optimizer state) included: the CUDA allocator's, or on CPU counted at the dispatcher (memory.TensorPeak); on
+    CPU the growth of the process's peak RSS during the step over its RSS before it is reported beside it
+    (rss_growth_mib: gradients, activations and temporaries; all four models live in the one process, so the
+    total RSS is not per variant). Step times are medians of steps that alternate between the variants."""
+    import lora
+    import memory
+    import optim
+    from model import GPT, GPTConfig
+    dev, cuda, s = args.device, args.device.startswith("cuda"), "lora"
+    cfg, batch, rank, rounds = GPTConfig(block_size=128, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), \
+        (8 if cuda else 1), 16, (5 if cuda else 3)
+    if args.quick:
+        cfg, rank, rounds = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=64), 4, 1
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev, generator=torch.Generator(dev).manual_seed(0))
+
+    def build(base, opt_cls):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(dev)
+        if base:
+            lora.add_lora_(model, rank, 2.0 * rank, base=base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, opt_cls(params, lr=1e-4) if opt_cls is optim.AdamW8bit else opt_cls(params, lr=1e-4, fused=True)
+    variants = {"full FT, fp32 AdamW": build(None, torch.optim.AdamW),
+                "LoRA, float base, fp32 AdamW": build("float", torch.optim.AdamW),
+                "QLoRA nf4g64, fp32 AdamW": build("nf4g64", torch.optim.AdamW),
+                "QLoRA nf4g64, AdamW8bit": build("nf4g64", optim.AdamW8bit)}
+    steps = {k: train_step(m, o, x, ctx) for k, (m, o) in variants.items()}
+    peaks = {}
+    for k, (model, opt) in variants.items():
+        steps[k]()  # the optimizer's state exists from here on
+        resident = [*model.parameters(), *model.buffers(),
+                    *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))]
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            steps[k]()
+            peaks[k] = (torch.cuda.max_memory_allocated() / 2 ** 20, None)
+        else:
+            rss0 = memory.reset_rss_peak()
+            with memory.TensorPeak(resident) as tp:
+                steps[k]()
+            peaks[k] = (tp.peak / 2 ** 20, memory.rss_peak_mb() - rss0)
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            times[k].append(median_time(fn, dev, warmup=0, iters=1))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    full = "full FT, fp32 AdamW"
+    n_params = sum(p.numel() for p in variants[full][0].parameters())
+    shape = f"{n_params / 1e6:.0f}M params, {batch}x{cfg.block_size} tokens, rank {rank}"
+    measured = "CUDA allocator peak" if cuda else "peak of live tensors (memory.TensorPeak)"
+    rows = []
+    for k in variants:
+        if k != full:
+            rows.append(row(s, f"peak training memory, {k} vs full FT" + (f" ({shape})" if not rows else ""),
+                            peaks[k][0], peaks[full][0], "MiB", higher_is_better=False, measured=measured,
+                            rss_growth_mib=peaks[k][1], full_rss_growth_mib=peaks[full][1],
+                            trainable=lora.trainable_parameters(variants[k][0])))
+    for k in variants:
+        if k != full:
+            rows.append(row(s, f"step time, {k} vs full FT", ms[k], ms[full], "ms", higher_is_better=False))
+    return rows
+
+
 @section("memory")
 def bench_memory(args):
     """Activation checkpointing and the chunked loss, on and off in the same run, for a GPT-2-small-shaped model at

@@ -33,6 +33,7 @@ from data.tasks import STYLES, TaskConfig, check_answer, held_out_problems, prom
 from data.tokenizer import load_tokenizer
 from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
 from model import GPT, GPTConfig, config_from_dict
+import lora
 import memory
 from kernels import linear_cross_entropy
 import quant
@@ -90,6 +91,15 @@ class TrainConfig:
     ptq: str = ""                   # rtn | gptq: quantize --init_from's model, evaluate it, save it converted
     ptq_spec: str = ""              # the spec --ptq quantizes to
     ptq_batches: int = 16           # GPTQ calibration batches from the training data
+    # LoRA / QLoRA fine-tuning of --init_from's model (lora.py)
+    lora_rank: int = 0              # > 0: freeze the model and train rank-R adapters on --lora_targets
+    lora_alpha: float = 16.0        # the adapters' output is scaled by alpha / rank
+    lora_dropout: float = 0.0
+    lora_base: str = "float"        # the frozen base: float, int4g64, nf4g64, nf4g64-dq (double-quantized scales)
+    lora_targets: str = "c_attn,c_proj,c_fc"
+    loftq: bool = False             # LoftQ: initialise the 4-bit base and the adapters together (else B = 0)
+    loftq_iters: int = 5
+    lora_merge: bool = False        # merge --init_from's adapters into float weights (then --ptq to requantize)
     # system
     device: str = "auto"            # auto: cuda > mps > cpu
     dtype: str = "auto"             # auto: bfloat16 autocast where supported, else float32
@@ -310,6 +320,8 @@ def check_quant_config(cfg):
         raise UserError("--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat")
     if cfg.ptq_spec and not cfg.ptq:
         raise UserError("--ptq_spec needs --ptq rtn|gptq")
+    if lora.check_flags(cfg):
+        raise UserError(lora.check_flags(cfg))
 
 
 def sync_model_fields(cfg, explicit, mc, source):
@@ -357,6 +369,7 @@ def build_model(cfg, explicit, meta, ckpt, hf_model):
         model = GPT(mc)
         try:
             quant.restore_(model, ckpt.get("quant"))  # a quantized checkpoint's modules, before its weights
+            lora.restore_(model, ckpt.get("lora"))
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}")
@@ -403,6 +416,12 @@ def run(cfg, explicit):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UserError(str(e))
     model = build_model(cfg, explicit, meta, ckpt, hf_model)
+    try:
+        note = lora.apply_flags_(model, cfg)  # --lora_rank (adapters, LoftQ), --lora_merge
+    except ValueError as e:
+        raise UserError(str(e))
+    if note and master:
+        print(note)
     if cfg.qat and not quant.is_quantized(model):  # (a resumed QAT run's checkpoint restored them already)
         try:
             quant.quantize_(model, cfg.qat, enabled=cfg.qat_start == 0)
@@ -477,7 +496,7 @@ def run(cfg, explicit):
             save_checkpoint(ckpt_path, dict(model=sds[0], optimizer=sds[1],
                                             step=step, config=asdict(cfg), model_config=asdict(raw_model.config),
                                             rng=rngs, loader=loader.state_dict(), dataset=cfg.dataset,
-                                            quant=quant.describe(raw_model)))
+                                            quant=quant.describe(raw_model), lora=lora.describe(raw_model)))
 
     def unsharded():  # under FSDP, rank 0's plain copy of the model for evaluation (a collective)
         sd = memory.full_model_state(raw_model)

@@ -1,0 +1,357 @@
+"""lora.py: LoRA and QLoRA fine-tuning: a frozen base (float, or 4-bit) plus trainable low-rank adapters.
+
+    add_lora_(model, rank=8, alpha=16, base="nf4g64")   nn.Linear -> LoRALinear in place; only A and B train
+    add_lora_(model, 8, 16, base="nf4g64", loftq_iters=5) LoftQ: quantize(W - sBA) and SVD(W - Q), alternating
+    merge_lora_(model)                                   LoRALinear -> nn.Linear with W + s B A (float)
+    merge_and_requantize_(model, "rtn" | "gptq", "nf4g64", calib)   merge, then a fresh 4-bit model for serving
+
+Ideas it rests on:
+- LoRALinear(x) = base(x) + s * B (A dropout(x)), s = alpha / rank, A (r, K) random, B (N, r) zero, so training
+  starts from the base's function; only A and B require grad.
+- A 4-bit base (Frozen4bitLinear) keeps only codes packed 8 per int32 word (kernels.pack_int4), a scale per group
+  of K (fp16, or double-quantized: int8 codes of the scales' deviation from their mean, one fp32 absmax per 256
+  scales, QLoRA's trick at 8 bits) and, for affine int4, a zero point per group. NF4 codes index QLoRA's 16
+  normal-quantile levels (quant.NF4_LEVELS). Its forward and input gradient go through kernels.int4_matmul:
+  the Triton kernels on CUDA (with the 16-level table for NF4), and on CPU the chunked torch path that
+  dequantizes a block of rows at a time, in the forward and again in the backward: no dense weight is kept.
+- LoftQ (Li et al., 2023): start from A = B = 0, then alternate Q = quantize(W - s B A) and s B A = the best
+  rank-r approximation of W - Q (an SVD); each step lowers ||W - Q - s B A||, so fine-tuning starts closer to
+  the float model than quantize(W) with B = 0 does.
+- Checkpoints: describe(model) records the adapters (names, rank, alpha, base format); restore_(model, desc)
+  rebuilds them empty on a fresh model so the saved state_dict (frozen codes included) loads into it.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+import quant
+
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the blocks (lm_head is tied to wte)
+BASE_GRAMMAR = "float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq)"
+DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
+_BASE_RE = re.compile(r"(?P<kind>int4|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
+
+
+def parse_base(fmt):
+    """(kind, group size, double quantization) of a base format; kind "float" has neither. ValueError otherwise."""
+    if fmt == "float":
+        return "float", None, False
+    m = _BASE_RE.fullmatch(fmt) if isinstance(fmt, str) else None
+    if m is None or int(m["group"]) not in kernels.GROUP_SIZES:
+        raise ValueError(f"LoRA base {fmt!r} is not known: use {BASE_GRAMMAR}")
+    return m["kind"], int(m["group"]), bool(m["dq"])
+
+
+# ----------------------------------------------------------------------------- the 4-bit base
+
+def _spec(kind, group):
+    return quant.parse_spec(f"w4g{group}" if kind == "int4" else f"nf4g{group}")
+
+
+def double_quantize(scales):
+    """int8 codes of (scales - mean) per block of DQ_BLOCK scales, their fp32 absmax and the fp32 mean."""
+    flat = scales.float().flatten()
+    mean = flat.mean()
+    pad = (-flat.numel()) % DQ_BLOCK
+    dev = torch.nn.functional.pad(flat - mean, (0, pad)).view(-1, DQ_BLOCK)
+    absmax = dev.abs().amax(1).clamp(min=1e-12)
+    codes = torch.round(dev / absmax[:, None] * 127).to(torch.int8).flatten()[:flat.numel()]
+    return codes, absmax, mean.reshape(1)
+
+
+def double_dequantize(codes, absmax, mean, shape):
+    n = codes.numel()
+    pad = (-n) % DQ_BLOCK
+    dev = F.pad(codes.float(), (0, pad)).view(-1, DQ_BLOCK) * (absmax[:, None] / 127)
+    return (dev.flatten()[:n] + mean).view(shape)
+
+
+def quantize_base(w, fmt):
+    """The buffers of a Frozen4bitLinear holding w (N, K) in format fmt: packed, scales (or scale_codes,
+    scale_absmax, scale_mean with -dq) and zeros (int4 only)."""
+    kind, g, dq = parse_base(fmt)
+    spec = _spec(kind, g)
+    q, s, z = quant.quantize_weight(w.detach().float(), spec, g)
+    out = dict(packed=kernels.pack_int4(q))
+    if dq:
+        out["scale_codes"], out["scale_absmax"], out["scale_mean"] = double_quantize(s)
+    else:
+        out["scales"] = s.half()
+    if kind == "int4":
+        out["zeros"] = z.to(torch.uint8)
+    return out
+
+
+class Frozen4bitLinear(nn.Module):
+    """A frozen linear layer of 4-bit codes (int4 affine groups, or NF4 with optional double-quantized scales);
+    y = x W^T + b through kernels.int4_matmul (Triton on CUDA, the chunked torch path elsewhere)."""
+
+    def __init__(self, in_features, out_features, bias, fmt, device=None):
+        super().__init__()
+        kind, g, dq = parse_base(fmt)
+        if kind == "float":
+            raise ValueError("Frozen4bitLinear holds a 4-bit format, not float")
+        if in_features % g:
+            raise ValueError(f"in_features {in_features} is not a multiple of the group size {g} of {fmt}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.kind, self.group_size, self.dq = kind, g, dq
+        N, G = out_features, in_features // g
+        self.register_buffer("packed", torch.zeros(N, in_features // 8, dtype=torch.int32, device=device))
+        if dq:
+            self.register_buffer("scale_codes", torch.zeros(N * G, dtype=torch.int8, device=device))
+            self.register_buffer("scale_absmax", torch.ones(-(-N * G // DQ_BLOCK), device=device))
+            self.register_buffer("scale_mean", torch.zeros(1, device=device))
+        else:
+            self.register_buffer("scales", torch.ones(N, G, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(N, G, dtype=torch.uint8, device=device) if kind == "int4" else None)
+        self.register_buffer("lut", quant.NF4_LEVELS.to(device) if kind == "nf4" else None, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(N, device=device), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def load_quantized_(self, tensors):
+        for k, v in tensors.items():
+            getattr(self, k).copy_(v)
+        return self
+
+    def group_scales(self):
+        """(N, K // g) scales: the fp16 buffer, or dequantized from the double quantization (1/g of W's size)."""
+        if not self.dq:
+            return self.scales
+        return double_dequantize(self.scale_codes, self.scale_absmax, self.scale_mean,
+                                 (self.out_features, self.in_features // self.group_size))
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return kernels.dequantize_int4(self.packed, self.group_scales(), self.zeros, self.group_size, dtype, self.lut)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        backend = "triton" if x.is_cuda else "chunked"
+        y = kernels.int4_matmul(x, self.packed, self.group_scales(), self.zeros, self.group_size, backend, self.lut)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
+
+
+def dequantize_base(tensors, fmt, shape):
+    """W (N, K) fp32 from quantize_base's buffers."""
+    m = Frozen4bitLinear(shape[1], shape[0], False, fmt, device=tensors["packed"].device)
+    return m.load_quantized_(tensors).dequantized_weight()
+
+
+# ----------------------------------------------------------------------------- adapters
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / rank) * B A dropout(x); base frozen (nn.Linear or Frozen4bitLinear), A and B train."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        dev = base.packed.device if isinstance(base, Frozen4bitLinear) else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init for a (rank x K) layer
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def fmt(self):
+        return self.base.fmt if isinstance(self.base, Frozen4bitLinear) else "float"
+
+    def base_weight(self, dtype=torch.float32):
+        if isinstance(self.base, Frozen4bitLinear):
+            return self.base.dequantized_weight(dtype)
+        return self.base.weight.detach().to(dtype)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+@torch.no_grad()
+def loftq_init(w, rank, fmt, iters=5, scaling=1.0):
+    """LoftQ for one (N, K) weight: (quantize_base buffers, A (r, K), B (N, r), errors), where errors[t] is
+    ||W - Q_t - s B_t A_t||_F / ||W||_F after iteration t (t = 0 is one quantization and one SVD)."""
+    W = w.detach().float()
+    N, K = W.shape
+    low = torch.zeros_like(W)  # s B A
+    norm, errors = W.norm(), []
+    for _ in range(max(1, iters)):
+        tensors = quantize_base(W - low, fmt)
+        Q = dequantize_base(tensors, fmt, (N, K))
+        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
+        root = S[:rank].sqrt() / math.sqrt(scaling)
+        B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
+        low = scaling * (B @ A)
+        errors.append(float((W - Q - low).norm() / norm))
+    return tensors, A, B, errors
+
+
+def _targets(targets):
+    return tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
+
+
+def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", dropout=0.0, loftq_iters=0):
+    """In place: every nn.Linear whose last name is in targets -> LoRALinear over a frozen base of format base
+    (float, int4g64, nf4g64, nf4g64-dq, ...); loftq_iters > 0 initialises a 4-bit base and its adapters by LoFTQ.
+    Every other parameter of the model is frozen. Returns the model."""
+    kind, _, _ = parse_base(base)
+    targets = _targets(targets)
+    if loftq_iters and kind == "float":
+        raise ValueError("LoftQ initialises a quantized base: give a 4-bit base (e.g. nf4g64), or drop LoftQ")
+    if quant.is_quantized(model) or describe(model) is not None:
+        raise ValueError("the model already holds quantized or LoRA layers: start from a float model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def swap(name, m):
+        if type(m) is not nn.Linear or name.split(".")[-1] not in targets:
+            return None
+        if kind == "float":
+            return LoRALinear(m, rank, alpha, dropout)
+        frozen = Frozen4bitLinear(m.in_features, m.out_features, m.bias is not None, base, device=m.weight.device)
+        if m.bias is not None:
+            frozen.bias.data.copy_(m.bias.detach())
+        new = LoRALinear(frozen, rank, alpha, dropout)
+        if loftq_iters:
+            tensors, A, B, new.loftq_errors = loftq_init(m.weight, rank, base, loftq_iters, new.scaling)
+            new.lora_A.data.copy_(A)
+            new.lora_B.data.copy_(B)
+        else:
+            tensors = quantize_base(m.weight, base)
+        frozen.load_quantized_(tensors)
+        return new
+    try:
+        done = quant._swap(model, swap)
+    except ValueError as e:
+        raise ValueError(f"add_lora_ with base {base}: {e}") from None
+    if not done:
+        raise ValueError(f"no nn.Linear named {', '.join(targets)} in the model: choose other LoRA targets")
+    return model
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@torch.no_grad()
+def merge_lora_(model):
+    """In place: every LoRALinear -> nn.Linear holding W_base + (alpha / rank) B A in fp32 (a 4-bit base is
+    dequantized), trainable like any float layer. Returns the model."""
+    def swap(name, m):
+        if not isinstance(m, LoRALinear):
+            return None
+        w = m.base_weight() + m.scaling * (m.lora_B.float() @ m.lora_A.float())
+        bias = m.base.bias
+        new = nn.Linear(m.in_features, m.out_features, bias is not None, device=w.device)
+        new.weight.copy_(w)
+        if bias is not None:
+            new.bias.copy_(bias)
+        return new
+    quant._swap(model, swap)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merge_and_requantize_(model, method="rtn", spec="nf4g64", calib=()):
+    """Merge, then quantize the merged float weights again for 4-bit serving: "rtn" rounds them to the nearest
+    grid point, "gptq" spreads each layer's rounding error over its other columns using calibration batches
+    (quant.apply_ptq_); then convert_ packs them (quant.Int4Linear). Returns the model."""
+    merge_lora_(model)
+    quant.apply_ptq_(model, method, spec, calib)
+    return quant.convert_(model)
+
+
+# ----------------------------------------------------------------------------- checkpoints and reporting
+
+def describe(model):
+    """What restore_ needs to rebuild the adapters: dict(rank, alpha, dropout, base, targets=[names]), or None."""
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    m = layers[0][1]
+    p = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+    return dict(rank=m.rank, alpha=m.alpha, dropout=p, base=m.fmt, targets=[n for n, _ in layers])
+
+
+def restore_(model, desc):
+    """In place: give a freshly built float model the (empty) LoRA layers describe() recorded, so that the saved
+    state_dict loads into it. desc None: nothing to do. Returns the model."""
+    if not desc:
+        return model
+    names, kind = set(desc["targets"]), parse_base(desc["base"])[0]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def swap(name, m):
+        if name not in names:
+            return None
+        base = m if kind == "float" else Frozen4bitLinear(m.in_features, m.out_features, m.bias is not None,
+                                                          desc["base"], device=m.weight.device)
+        return LoRALinear(base, desc["rank"], desc["alpha"], desc["dropout"])
+    quant._swap(model, swap)
+    return model
+
+
+def trainable_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary(model):
+    """One line: adapters, base, trainable parameters, LoftQ's relative error of W (first -> last iteration)."""
+    layers = lora_layers(model)
+    d = describe(model)
+    line = (f"LoRA rank {d['rank']} alpha {d['alpha']:g} on {len(layers)} layers, base {d['base']}: "
+            f"{trainable_parameters(model):,} trainable parameters")
+    errs = [m.loftq_errors for _, m in layers if hasattr(m, "loftq_errors")]
+    if errs:
+        first, last = (sum(e[i] for e in errs) / len(errs) for i in (0, -1))
+        line += f" | LoftQ ({len(errs[0])} iterations): mean relative error of W {first:.4f} -> {last:.4f}"
+    return line
+
+
+def apply_flags_(model, cfg):
+    """train.py's --lora_rank (adapters on a model that has none yet: a resumed run restored its own) and
+    --lora_merge; returns a line to print, or None."""
+    if cfg.lora_rank and describe(model) is None:
+        add_lora_(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base, cfg.lora_dropout,
+                  cfg.loftq_iters if cfg.loftq else 0)
+    if cfg.lora_merge:
+        if describe(model) is None:
+            raise ValueError("--lora_merge: the --init_from checkpoint holds no LoRA adapters")
+        line = summary(model)
+        merge_lora_(model)
+        return f"merged into float weights: {line}"
+    return summary(model) if describe(model) else None
+
+
+def check_flags(cfg):
+    """A one-line message for an inconsistent set of train.py's LoRA flags, or None."""
+    try:
+        kind = parse_base(cfg.lora_base)[0]
+    except ValueError as e:
+        return f"--lora_base: {e}"
+    if cfg.lora_rank < 0 or cfg.loftq_iters < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+        return "--lora_rank must be >= 0, --lora_alpha > 0, --loftq_iters >= 1 and --lora_dropout in [0, 1)"
+    if (cfg.lora_rank or cfg.lora_merge) and not (cfg.init_from or cfg.resume):
+        return "LoRA fine-tunes a trained model: give --init_from CHECKPOINT"
+    if cfg.lora_rank and (cfg.qat or cfg.fsdp or cfg.lora_merge):
+        return "--lora_rank does not combine with --qat, --fsdp or --lora_merge: drop one (use DDP for LoRA)"
+    if cfg.loftq and (not cfg.lora_rank or kind == "float"):
+        return "--loftq needs --lora_rank R and a 4-bit --lora_base (int4g64 or nf4g64)"
+    if not _targets(cfg.lora_targets):
+        return "--lora_targets is empty: name linear layers, e.g. c_attn,c_proj,c_fc"
+    return None
