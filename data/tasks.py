@@ -1,5 +1,6 @@
 """Synthetic verifiable reasoning tasks: multi-digit addition at four levels of difficulty, in three answer styles;
-and subtraction (levels 5 and 6), the fine-tuning task that pre-training never shows (data/prepare.py subtraction).
+and subtraction (levels 5 and 6, worked by adding the nines' complement), the fine-tuning task that pre-training
+never shows (data/prepare.py subtraction).
 
 Ideas it rests on:
 - Every problem has one checkable final answer, written on the last line as `answer: N`; `extract_answer` reads it.
@@ -34,8 +35,9 @@ LEVELS = {
     3: (2, (3, 4)),
     4: (3, (2, 2)),   # multi-operand, multi-digit: needs the working
 }
-# the fine-tuning task (python data/prepare.py subtraction): a - b with a >= b, both operands of these digits; a
-# problem is the operand tuple (a, -b), so its answer is still sum(operands) and `answer: N` checks it
+# the fine-tuning task (python data/prepare.py subtraction): a - b with a >= b, both operands of these digits,
+# worked as a + (nines' complement of b) + 1; a problem is the operand tuple (a, -b), so its answer is still
+# sum(operands) and `answer: N` checks it
 SUB_LEVELS = {
     5: (2, 2),
     6: (3, 3),
@@ -141,15 +143,17 @@ def problem_text(operands):
 
 
 def _sub_working_lines(a, b):
-    """Subtraction a - b (a >= b), one line per column, least-significant first, `da-db-borrow_in=d|partial bOUT`:
-    d = da - db - borrow_in (from -10 to 9), the result digit d mod 10, and a borrow out when d < 0."""
-    lines, partial, borrow = [], "", 0
+    """Subtraction a - b (a >= b) as the addition of a, the nines' complement of b (each digit d -> 9 - d, as many
+    digits as a) and a carry of 1 into the first column: the column lines of addition, least-significant first,
+    `da+(9-db)+carry_in=sum|partial cOUT`; the last carry out (always 1) is dropped, and the partial result is
+    a - b. Every glyph of the working is one pre-training already emits: only the complement digits are new."""
+    lines, partial, carry = [], "", 1
     for i in range(len(str(a))):
-        da, db = (a // 10 ** i) % 10, (b // 10 ** i) % 10
-        d = da - db - borrow
-        partial = str(d % 10) + partial
-        lines.append(f"{da}-{db}-{borrow}={d}|{partial} b{int(d < 0)}")
-        borrow = int(d < 0)
+        da, dc = (a // 10 ** i) % 10, 9 - (b // 10 ** i) % 10
+        s = da + dc + carry
+        partial = str(s % 10) + partial
+        lines.append(f"{da}+{dc}+{carry}={s:02d}|{partial} c{s // 10}")
+        carry = s // 10
     return lines
 
 
@@ -186,14 +190,14 @@ def answer_text(operands, style, lsd_first=True):
     q = problem_text(operands)
     if style == "direct":  # the problem restated, then its result at once: no working
         body = [q + f"={total}"]
-    elif min(operands) < 0:  # subtraction (a, -b): the borrow working, least-significant first
+    elif min(operands) < 0:  # subtraction (a, -b): adding the nines' complement, least-significant first
         work = _sub_working_lines(operands[0], -operands[1])
         if style not in ("minimal", "verbose"):
             raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
         body = list(work)
         if style == "verbose":
             body.append("Check: " + ", ".join(w.split("|")[0] + " ok" for w in work))
-            body.append(f"We subtracted {-operands[1]} from {operands[0]} column by column.")
+            body.append(f"We added {operands[0]} and the complement of {-operands[1]} column by column.")
             body.append(f"So {q}={total}.")
     else:
         work = _working_lines(operands, lsd_first)

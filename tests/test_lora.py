@@ -211,9 +211,10 @@ def test_double_quantized_scales_stay_within_half_a_step():
 
 # ----------------------------------------------------------------------------- the fine-tuning task
 
-def test_subtraction_answers_check_and_borrow_working_is_exact():
+def test_subtraction_answers_check_and_complement_working_is_exact():
+    # 305 - 298 = 305 + 701 + 1 - 1000: the addition lines, the nines' complement of 298, a first carry of 1
     assert answer_text((305, -298), "minimal") == \
-        "[minimal]\n5-8-0=-3|7 b1\n0-9-1=-10|07 b1\n3-2-1=0|007 b0\nanswer: 7"
+        "[minimal]\n5+1+1=07|7 c0\n0+0+0=00|07 c0\n3+7+0=10|007 c1\nanswer: 7"
     assert prompt_text((47, -25)) == "47-25\n" and prompt_text((47, 25)) == "47+25\n"
     rng = random.Random(0)
     for level in SUB_LEVELS:
