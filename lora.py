@@ -33,6 +33,7 @@ import quant
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the blocks (lm_head is tied to wte)
 BASE_GRAMMAR = "float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq)"
 DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
+A_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of A under nn.Linear's kaiming_uniform_(a=sqrt(5)) init
 _BASE_RE = re.compile(r"(?P<kind>int4|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
 
 
@@ -181,9 +182,12 @@ class LoRALinear(nn.Module):
 
 
 @torch.no_grad()
-def loftq_init(w, rank, fmt, iters=5, scaling=1.0):
+def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="sqrt"):
     """LoftQ for one (N, K) weight: (quantize_base buffers, A (r, K), B (N, r), errors), where errors[t] is
-    ||W - Q_t - s B_t A_t||_F / ||W||_F after iteration t (t = 0 is one quantization and one SVD)."""
+    ||W - Q_t - s B_t A_t||_F / ||W||_F after iteration t (t = 0 is one quantization and one SVD).
+    split: how s B A = U_r S_r V_r^T is shared: "sqrt" (the paper's, sqrt(S_r) each side) or "lora" (A = V_r^T
+    at the row norm of LoRA's random A, B = U_r S_r / (s * that norm): the same product, A at the scale LoRA's
+    training starts from; on the subtraction task it did not train better than "sqrt", see the README)."""
     W = w.detach().float()
     N, K = W.shape
     low = torch.zeros_like(W)  # s B A
@@ -192,8 +196,12 @@ def loftq_init(w, rank, fmt, iters=5, scaling=1.0):
         tensors = quantize_base(W - low, fmt)
         Q = dequantize_base(tensors, fmt, (N, K))
         U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
-        root = S[:rank].sqrt() / math.sqrt(scaling)
-        B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
+        if split == "sqrt":  # LoftQ's split: sqrt(S) on each side
+            root = S[:rank].sqrt() / math.sqrt(scaling)
+            B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
+        else:  # A's rows at the norm of LoRA's random init (1/sqrt(3), nn.Linear's kaiming), B takes the rest
+            A = Vh[:rank] * A_ROW_NORM
+            B = U[:, :rank] * (S[:rank] / (scaling * A_ROW_NORM))
         low = scaling * (B @ A)
         errors.append(float((W - Q - low).norm() / norm))
     return tensors, A, B, errors

@@ -198,6 +198,11 @@ def test_loftq_lowers_the_reconstruction_error_with_each_iteration(fmt):
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
     Q = lora.dequantize_base(tensors, fmt, W.shape)
     assert float((W - Q - s * B @ A).norm() / W.norm()) == pytest.approx(errors[-1], rel=1e-4)
+    # the other split of the same product: A's rows at the norm of LoRA's random init, the same errors
+    _, A2, B2, errors2 = lora.loftq_init(W, rank, fmt, iters=5, scaling=s, split="lora")
+    assert errors2 == pytest.approx(errors, rel=1e-4)
+    assert torch.allclose(A2.norm(dim=1), torch.full((rank,), lora.A_ROW_NORM), rtol=1e-5)
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-6 * float((B @ A).abs().max()) + 1e-9)
 
 
 def test_double_quantized_scales_stay_within_half_a_step():
