@@ -95,7 +95,7 @@ def int4_matmul_reference(x, packed, scales, zeros, group_size, lut=None):
 CHUNK_ELEMENTS = 1 << 20  # weights dequantized at a time by the chunked torch path (4 MiB in fp32)
 
 
-def _chunks(packed, group_size):
+def _chunks(packed):
     rows = max(1, CHUNK_ELEMENTS // (packed.shape[1] * 8))
     return range(0, packed.shape[0], rows), rows
 
@@ -104,7 +104,7 @@ def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):
     """y = x @ W.T (2-D x) dequantizing W a block of rows at a time: no dense W is ever held whole."""
     N = packed.shape[0]
     y = x.new_empty(x.shape[0], N)
-    starts, rows = _chunks(packed, group_size)
+    starts, rows = _chunks(packed)
     for n0 in starts:
         sl = slice(n0, n0 + rows)
         w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, x.dtype, lut)
@@ -115,7 +115,7 @@ def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):
 def int4_matmul_dx_chunked(dy, packed, scales, zeros, group_size, lut=None):
     """dX = dY @ W (2-D dY), W dequantized a block of rows at a time."""
     dx = dy.new_zeros(dy.shape[0], packed.shape[1] * 8)
-    starts, rows = _chunks(packed, group_size)
+    starts, rows = _chunks(packed)
     for n0 in starts:
         sl = slice(n0, n0 + rows)
         w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, dy.dtype, lut)
@@ -179,7 +179,7 @@ def _dequant_tile(words, s, z, lut_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexp
     """[ROWS, BLOCK_K // 8] words and one scale (and zero) per row -> [ROWS, BLOCK_K] fp32 weights."""
     q = _unpack_nibbles(words, ROWS, BLOCK_K)
     if NF4:
-        return tl.load(lut_ptr + q.to(tl.int32)) * s[:, None]
+        return _levels(q, lut_ptr, NF4) * s[:, None]
     return (q - z[:, None]) * s[:, None]
 
 

@@ -465,8 +465,8 @@ def _kernel_group(K, g):
 class Int4Linear(nn.Module):
     """A frozen linear layer with 4-bit codes packed 8 per int32 word (kernels.pack_int4), fp16 scales and uint8
     zeros per group of K, as buffers; forward through kernels.int4_matmul (Triton on CUDA, dequantize + matmul
-    elsewhere). 2-, 3-bit and ternary codes use the same nibbles. NF4 codes dequantize through their 16-level table
-    in torch (the kernel is affine), and carry no zeros."""
+    elsewhere). 2-, 3-bit and ternary codes use the same nibbles. NF4 codes carry no zeros: the kernels look their
+    16 levels up in NF4_LEVELS instead."""
 
     def __init__(self, in_features, out_features, bias, spec, group_size, device=None):
         super().__init__()
@@ -479,20 +479,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", None if nf4 else torch.zeros(out_features, G, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
+    def _lut(self):
+        return NF4_LEVELS.to(self.packed.device) if self.spec.kind == "nf4" else None
+
     def dequantized_weight(self, dtype=torch.float32):
-        if self.spec.kind == "nf4":
-            return dequantize_weight(kernels.unpack_int4(self.packed), self.spec, self.scales, None).to(dtype)
-        return kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size, dtype)
+        return kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size, dtype, self._lut())
 
     def forward(self, x):
         if self.spec.act8:
             x = fake_quantize_activations(x)
         if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.spec.kind == "nf4":
-            y = F.linear(x, self.dequantized_weight(x.dtype))
-        else:
-            y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, backend=self.backend)
+        y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, backend=self.backend,
+                                lut=self._lut())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
