@@ -20,6 +20,7 @@ Example (level 2, minimal style; the prompt is the first line):
     4+8+1=13|32 c1
     answer: 132
 """
+import functools
 import hashlib
 import random
 import re
@@ -108,13 +109,20 @@ def _all_problems(level):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _split_pool(level, split):
+    """The enumerated problems of a level that fall in a split (hashed once per process), or None."""
+    pool = _all_problems(level)
+    return None if pool is None else tuple(p for p in pool if split_of(p) == split)
+
+
 def sample_problems(level, split, n, rng, distinct=False):
     """n problems of `level` from `split`, drawn with `rng`; distinct=True never repeats one (fewer if the split
     holds fewer)."""
-    pool = _all_problems(level)
+    pool = _split_pool(level, split)
     if pool is not None:
-        pool = [p for p in pool if split_of(p) == split]
         if distinct:
+            pool = list(pool)
             rng.shuffle(pool)
             return pool[:n]
         return [rng.choice(pool) for _ in range(n)]
