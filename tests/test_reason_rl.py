@@ -11,6 +11,7 @@ import reason_rl as rl
 from data.prepare import prepare_reasoning
 from data.tasks import TaskConfig
 from model import GPT, GPTConfig
+from config import UserError
 from train import parse_config, save_checkpoint
 
 sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -239,3 +240,16 @@ def test_eval_only_prints_the_per_level_table(tiny_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "untagged" in out and "tokens/correct" in out
     assert os.path.exists(tmp_path / "e" / "eval.json")
+
+
+def test_sweep_runs_the_baseline_and_each_strength_and_writes_the_table(tiny_ckpt, tmp_path, parity_reward):
+    out = str(tmp_path / "sw")
+    argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--sweep", "0.5"]
+    results = rl.sweep(*parse_config(rl.RLConfig, argv))
+    assert [(r["length_reward"], r["alpha"]) for r in results] == [("none", 0.0), ("kimi", 0.5)]
+    with open(os.path.join(out, "sweep.md")) as f:
+        table = f.read().splitlines()
+    assert len(table) == 2 + 1 + 2  # header, rule, the start checkpoint, one row per run
+    assert table[3].startswith("| none | 0 |") and table[4].startswith("| kimi | 0.5 |")
+    with pytest.raises(UserError, match="already holds a run"):  # a second sweep never replaces the first
+        rl.sweep(*parse_config(rl.RLConfig, argv))
