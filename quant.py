@@ -477,13 +477,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float16, device=device))
         nf4 = self.spec.kind == "nf4"
         self.register_buffer("zeros", None if nf4 else torch.zeros(out_features, G, dtype=torch.uint8, device=device))
+        # NF4's 16 levels, moved with the module (not copied to the device at every call), not saved
+        self.register_buffer("lut", NF4_LEVELS.to(device) if nf4 else None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
-    def _lut(self):
-        return NF4_LEVELS.to(self.packed.device) if self.spec.kind == "nf4" else None
-
     def dequantized_weight(self, dtype=torch.float32):
-        return kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size, dtype, self._lut())
+        return kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size, dtype, self.lut)
 
     def forward(self, x):
         if self.spec.act8:
@@ -491,7 +490,7 @@ class Int4Linear(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, backend=self.backend,
-                                lut=self._lut())
+                                lut=self.lut)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
