@@ -55,17 +55,17 @@ class TrainConfig:
     n_head: int = 4
     n_embd: int = 128
     rope_heads: int = 2             # heads that also use rotary positions (see model.py)
-    block_size: int = 288
+    block_size: int = 224
     dropout: float = 0.0
     bias: bool = True
     # optimisation
-    batch_size: int = 28            # rows per micro-batch per process
+    batch_size: int = 36            # rows per micro-batch per process
     grad_accum: int = 1             # micro-batches per step per process
-    max_iters: int = 1000           # length of the LR schedule
+    max_iters: int = 800            # length of the LR schedule
     stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_iters: int = 100
+    warmup_iters: int = 80
     weight_decay: float = 0.1       # on matrices only
     beta1: float = 0.9
     beta2: float = 0.99

@@ -39,13 +39,21 @@ def test_verbose_is_the_minimal_working_plus_padding():
         assert verbose[1:1 + len(minimal)] == minimal
 
 
+def test_three_operand_columns_keep_a_running_sum():
+    # a column of three digits is summed two at a time, each step a two-operand sum the model already knows
+    assert answer_text((47, 85, 33), "minimal") == \
+        "[minimal]\n7+5=12+3=15+0=15|5 c1\n4+8=12+3=15+1=16|65 c1\nanswer: 165"
+
+
 def test_verbose_costs_far_more_tokens_than_minimal_working():
+    # what a model generates after a forced tag (byte tokens: one per character, plus the end token)
     rng = random.Random(0)
+    generated = lambda o, style: len(answer_text(o, style).split("\n", 1)[1]) + 1
     for level in LEVELS:
-        ops = sample_problems(level, "train", 20, rng)
-        minimal = sum(len(answer_text(o, "minimal")) for o in ops)
-        verbose = sum(len(answer_text(o, "verbose")) for o in ops)
-        assert verbose >= 2.0 * minimal
+        ops = sample_problems(level, "train", 50, rng)
+        minimal = sum(generated(o, "minimal") for o in ops)
+        verbose = sum(generated(o, "verbose") for o in ops)
+        assert verbose >= 1.9 * minimal  # the foundation issue asks for 1.8x
 
 
 def test_levels_are_ordered_by_the_working_they_need():
