@@ -25,6 +25,7 @@ Example (level 2, minimal style; the prompt is the first line):
 """
 import functools
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -182,8 +183,8 @@ def _columns(operands):
 
 
 def _working_lines(operands, lsd_first=True):
-    """One line per column, `d1+d2+carry_in=sum|partial result cCARRY_OUT`: the carry out closes the line, so the
-    next line reads its carry in from the same place every time.
+    """One line per column, `d1+d2+carry_in=sum|partial result cCARRY_OUT` (three digits: `d1+d2=s12+d3=s123+
+    carry_in=sum|...`): the carry out closes the line, so the next line reads its carry in from the same place.
     Least-significant column first by default; lsd_first=False writes the same lines from the most significant
     column, so each carry-in must be worked out before it is written (harder for a small model)."""
     cols = _columns(operands)
@@ -191,16 +192,12 @@ def _working_lines(operands, lsd_first=True):
     lines, partial = [], ""
     for digits, carry, s in order:
         partial = str(s % 10) + partial if lsd_first else partial + str(s % 10)
-        if len(digits) > 2:  # three or more digits: a running sum, one digit at a time
-            run = digits[0] + digits[1]
-            expr = f"{digits[0]}+{digits[1]}={run:02d}"
-            for d in digits[2:]:
-                run += d
-                expr += f"+{d}={run:02d}"
-            expr += f"+{carry}"
+        expr = str(digits[0])
+        if len(digits) > 2:  # three or more digits: a running sum, two numbers at a time (7+5=12+3=15)
+            expr += "".join(f"+{d}={run:02d}" for d, run in zip(digits[1:], list(itertools.accumulate(digits))[1:]))
         else:
-            expr = "+".join(map(str, digits)) + f"+{carry}"
-        lines.append((expr + f"={s:02d}|{partial} c{s // 10}", s // 10))
+            expr += f"+{digits[1]}"
+        lines.append((expr + f"+{carry}={s:02d}|{partial} c{s // 10}", s // 10))
     return lines
 
 
