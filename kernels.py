@@ -652,9 +652,17 @@ def _rint(x):
 
 
 @triton.jit
+def _round_stochastic(x, r, top):
+    """optim._round_stochastic: x in units of the code's value (k^2) -> k, unbiased in value."""
+    s = tl.floor(tl.sqrt_rn(x))
+    return tl.minimum(s + ((x - s * s) > r * (2.0 * s + 1.0)).to(tl.float32), top)
+
+
+@triton.jit
 def _adamw8bit_kernel(p_ptr, g_ptr, qm_ptr, am_ptr, qv_ptr, wv_ptr, skipped_ptr, n, nblocks,
-                      decay, step_size, eps2, km, kv, out_m, out_v, seed,
-                      BLOCK: tl.constexpr, BLOCKS: tl.constexpr, BF16: tl.constexpr, STOCHASTIC: tl.constexpr):
+                      decay, step_size, eps2, km, kv, out_m, out_v, seed, code_seed,
+                      BLOCK: tl.constexpr, BLOCKS: tl.constexpr, BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      SR_CODES: tl.constexpr):
     """BLOCKS quantization blocks of BLOCK elements per program; temporaries are [BLOCKS, BLOCK] registers."""
     rb = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     b_ok = rb < nblocks
@@ -674,11 +682,24 @@ def _adamw8bit_kernel(p_ptr, g_ptr, qm_ptr, am_ptr, qv_ptr, wv_ptr, skipped_ptr,
     new_wv = tl.max(d, axis=1)
     finite = (tl.abs(m) < float("inf")) & (d < float("inf"))             # False for NaN too (tl.max drops NaN)
     ok = b_ok & (tl.min(finite.to(tl.int32), axis=1) == 1)
-    y = tl.div_rn(m, tl.sqrt_rn(tl.abs(m) * (new_am * (1.0 / 16129.0))[:, None] + 1.1754943508222875e-38))
-    q = _rint(y)
     v2 = tl.full((BLOCKS,), 65025.0, tl.float32)
-    t = tl.sqrt_rn(d * tl.div_rn(v2, tl.maximum(new_wv, 1.1754943508222875e-38))[:, None])
-    u = tl.maximum(_rint(t), 1.0)
+    xv = d * tl.div_rn(v2, tl.maximum(new_wv, 1.1754943508222875e-38))[:, None]
+    if SR_CODES:  # optim.code_noise: a 32-bit hash of (element index, seed) in int64 arithmetic, as torch's
+        h = (offs ^ code_seed) & 0xFFFFFFFF
+        h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+        h = h ^ (h >> 16)
+        rm = ((h & 0xFFFF).to(tl.float32) + 0.5) * 0.0000152587890625  # 2^-16
+        rv = ((h >> 16).to(tl.float32) + 0.5) * 0.0000152587890625
+        m2 = tl.full((BLOCKS,), 16129.0, tl.float32)
+        xm = tl.abs(m) * tl.div_rn(m2, tl.maximum(new_am, 1.1754943508222875e-38))[:, None]
+        q = _round_stochastic(xm, rm, 127.0)
+        q = tl.where(m < 0, -q, q)
+        u = tl.maximum(_round_stochastic(xv, rv, 255.0), 1.0)
+    else:
+        y = tl.sqrt_rn(tl.abs(m) * (new_am * (1.0 / 16129.0))[:, None] + 1.1754943508222875e-38)
+        q = _rint(tl.div_rn(m, y))
+        u = tl.maximum(_rint(tl.sqrt_rn(xv)), 1.0)
     p = p * decay - step_size * tl.div_rn(m, d + eps2)
     if BF16:  # round by hand (the interpreter's cast truncates): add below bf16's last mantissa bit, truncate
         bits = p.to(tl.int32, bitcast=True)
@@ -697,9 +718,10 @@ def _adamw8bit_kernel(p_ptr, g_ptr, qm_ptr, am_ptr, qv_ptr, wv_ptr, skipped_ptr,
     tl.atomic_add(skipped_ptr, n_bad, mask=n_bad > 0)
 
 
-def adamw8bit_step_triton(p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, c, seed=None):
+def adamw8bit_step_triton(p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, c, seed=None, code_seed=None):
     """One AdamW8bit step of the tensor p in place (optim.AdamW8bit's state layout); c holds the step's
-    scalars (optim._Constants). seed: stochastic rounding of a bf16 p with this seed, None rounds to nearest."""
+    scalars (optim._Constants). seed: stochastic rounding of a bf16 p with this seed, None rounds to nearest;
+    code_seed (31 bits): stochastic rounding of the codes (optim.code_noise), None rounds them to nearest."""
     if not (p.is_cuda or _INTERPRET):
         raise ValueError("the Triton 8-bit AdamW step needs CUDA tensors (or TRITON_INTERPRET=1)")
     if p.dtype not in _X_DTYPES or g.shape != p.shape:
@@ -714,5 +736,5 @@ def adamw8bit_step_triton(p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, c, 
     bf16 = p.dtype == torch.bfloat16
     _adamw8bit_kernel[grid](p, g, m_codes, m_absmax, v_codes, v_wmax, skipped, p.numel(), nblocks,
                             c.decay, c.step_size, c.eps2, c.km, c.kv, c.out_m, c.out_v,
-                            (seed or 0) % (1 << 31), BLOCK=B, BLOCKS=blocks, BF16=bf16,
-                            STOCHASTIC=bf16 and seed is not None)
+                            (seed or 0) % (1 << 31), code_seed or 0, BLOCK=B, BLOCKS=blocks, BF16=bf16,
+                            STOCHASTIC=bf16 and seed is not None, SR_CODES=code_seed is not None)

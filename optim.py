@@ -15,6 +15,14 @@ Ideas it rests on (Dettmers et al., "8-bit Optimizers via Block-wise Quantizatio
   finer everywhere above w / wmax = 1e-5, where the map (on v) already reads 0 below w / wmax = 3e-4. u >= 1
   puts a floor under the denominator, so a tiny v never turns into a division by eps. On the convergence runs
   of tests/test_optim.py both codes match fp32 AdamW. CODE_M and CODE_V are the shared tables.
+- Stochastic rounding of the codes (default): a code is rounded up with probability equal to the value's
+  distance from the level below over the step to the next level, so m and sqrt(v) are unbiased at every step.
+  Rounded to nearest, a moment that changes by less than half a level per step never changes: with beta1 = 0.9
+  every m code |q| <= 9 stays put when the gradient stops, and with beta2 = 0.99 every v code u < 200 can
+  neither decay nor grow slowly, so late in training, as gradients shrink, v stays high and steps get too small
+  (tests/test_optim.py measures m 259x and sqrt(v) 2.5x fp32 AdamW's after 60 steps of decay; 0.9x and 1.01x
+  stochastically). The noise is a 32-bit hash of (element index, step, parameter index): no state, the same
+  after a resume, and the same bits in all three implementations below.
 - Math in fp32, memory in chunks: a tensor is updated a chunk (many blocks) at a time, dequantize -> AdamW ->
   requantize, with fp32 temporaries the size of a chunk; the moments are kept scaled by 1 / (1 - beta) inside a
   chunk so each Adam line is one fused torch op. On CUDA the same step is one Triton kernel
@@ -45,6 +53,7 @@ M_LEVELS, V_LEVELS = 127, 255
 FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float: keeps 0 / 0 out of the codes
 # constants of the chunk loop as 0-d tensors: an op takes them without wrapping a Python number (~1.5 us less)
 _FLT_MIN_T, _INV_M2_T, _V2_T = torch.tensor(FLT_MIN), torch.tensor(1 / M_LEVELS ** 2), torch.tensor(V_LEVELS ** 2.0)
+_M2_T = torch.tensor(M_LEVELS ** 2.0)
 CHUNK_CPU = 1 << 15      # elements per pass on CPU: 128 KiB fp32 temporaries (in L2); torch runs ops this small
                          # on the calling thread, and AdamW8bit spreads the chunks over torch's threads itself
 CHUNK_OTHER = 1 << 22    # GPUs (the torch path, when Triton is not used): few, large launches
@@ -65,10 +74,22 @@ def _blocks(x, block_size):
     return torch.nn.functional.pad(x, (0, pad)).view(-1, block_size)
 
 
-def quantize_m(m, block_size=256):
-    """m -> (int8 codes padded to whole blocks, fp32 absmax per block)."""
+def _round_stochastic(x, r, top):
+    """x >= 0 in units of the code's value (code k stands for k^2) -> k, rounded up with probability equal to
+    x's distance from k^2 over the step to (k + 1)^2, so E[k^2] = x; r uniform in (0, 1)."""
+    s = x.sqrt().floor()
+    return (s + (x - s * s > r * (2 * s + 1)).float()).clamp(max=top)
+
+
+def quantize_m(m, block_size=256, noise=None):
+    """m -> (int8 codes padded to whole blocks, fp32 absmax per block). noise (uniform in (0, 1), one per padded
+    element; see code_noise): stochastic rounding that keeps the value unbiased; None: round to nearest."""
     x = _blocks(m, block_size)
     absmax = x.abs().amax(1)
+    if noise is not None:
+        q = _round_stochastic(x.abs() * (M_LEVELS ** 2 / absmax.clamp(min=FLT_MIN))[:, None],
+                              noise.view_as(x), M_LEVELS)
+        return (q * x.sign()).to(torch.int8).view(-1), absmax
     y = x / (x.abs() * (absmax / M_LEVELS ** 2)[:, None] + FLT_MIN).sqrt()
     return y.round().to(torch.int8).view(-1), absmax
 
@@ -79,12 +100,45 @@ def dequantize_m(codes, absmax, numel=None):
     return x.view(-1)[:numel]
 
 
-def quantize_v(v, block_size=256):
-    """v >= 0 -> (uint8 codes padded to whole blocks, fp32 max of sqrt(v) per block)."""
+def quantize_v(v, block_size=256, noise=None):
+    """v >= 0 -> (uint8 codes padded to whole blocks, fp32 max of sqrt(v) per block); noise as in quantize_m
+    (unbiased in sqrt(v))."""
     w = _blocks(v, block_size).sqrt()
     wmax = w.amax(1)
-    u = (w / (wmax.clamp(min=FLT_MIN) / V_LEVELS ** 2)[:, None]).sqrt().round().clamp(min=1)
-    return u.to(torch.uint8).view(-1), wmax
+    x = w * (V_LEVELS ** 2 / wmax.clamp(min=FLT_MIN))[:, None]
+    u = x.sqrt().round() if noise is None else _round_stochastic(x, noise.view_as(x), V_LEVELS)
+    return u.clamp(min=1).to(torch.uint8).view(-1), wmax
+
+
+HASH_MUL = (0x7FEB352D, 0x2C1B3C6D)  # odd, below 2^31: a product of two 32-bit values stays inside int64
+MASK32 = 0xFFFFFFFF
+
+
+def code_seed(step, index):
+    """The noise seed (31 bits) of one tensor's step: a function of the step and the parameter's index only,
+    so a resumed run draws the same noise."""
+    x = (step * 1_000_003 + index * 7919 + 0x5BD1E995) & MASK32
+    for mul in HASH_MUL:
+        x = ((x ^ (x >> 16)) * mul) & MASK32
+    return (x ^ (x >> 16)) & 0x7FFFFFFF
+
+
+def _hash32(x):
+    """A 32-bit integer hash (xor-shift / multiply rounds) of x int64 in [0, 2^32), in place."""
+    x ^= x >> 16
+    x.mul_(HASH_MUL[0]).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(HASH_MUL[1]).bitwise_and_(MASK32)
+    x ^= x >> 16
+    return x
+
+
+def code_noise(index, seed):
+    """Two independent uniform noises in (0, 1), fp32, for the m and the v code of the elements at positions
+    `index` (int64) of a tensor: 16 bits each of one hash of (index, seed). The chunked path, the compiled step
+    and the Triton kernel compute the same bits."""
+    x = _hash32((index ^ seed).bitwise_and_(MASK32))
+    return (((x & 0xFFFF).float() + 0.5) * 2 ** -16, ((x >> 16).float() + 0.5) * 2 ** -16)
 
 
 def dequantize_v(codes, wmax, numel=None):
@@ -107,6 +161,11 @@ class _Scratch:
         self.p, self.g = torch.empty(chunk, **f32), torch.empty(chunk, **f32)  # a chunk of a non-fp32 tensor
         self.i16 = torch.empty(chunk, dtype=torch.int16, device=device)
         self.k = torch.empty(chunk // 16, **f32)  # per-block factors (block_size >= 16)
+        # stochastic rounding of the codes: element indices, the hash and its temporary, the two noises, a mask
+        self.index = torch.arange(chunk, dtype=torch.int64, device=device)
+        self.h, self.t = torch.empty(chunk, dtype=torch.int64, device=device), torch.empty_like(self.index)
+        self.rm, self.rv, self.e = (torch.empty(chunk, **f32) for _ in range(3))
+        self.up = torch.empty(chunk, dtype=torch.bool, device=device)
         self._views = {}
 
     def views(self, n, B):
@@ -117,6 +176,28 @@ class _Scratch:
             blocks = [flat[i].view(nb, B) for i in (0, 1, 2, 4)]
             self._views[n, B] = (*flat, *blocks, self.k[:nb], self.k[:nb, None], self.i16[:n])
         return self._views[n, B]
+
+    def noise(self, n, first, seed):
+        """code_noise for the n elements from position `first` of a tensor, into rm, rv; returns (rm, rv, e, up)
+        views of n elements (e and up are temporaries of the rounding)."""
+        h, t, rm, rv = self.h[:n], self.t[:n], self.rm[:n], self.rv[:n]
+        torch.add(self.index[:n], first, out=h).bitwise_xor_(seed).bitwise_and_(MASK32)
+        for shift, mul in zip((16, 15), HASH_MUL):
+            h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=t)).mul_(mul).bitwise_and_(MASK32)
+        h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=t))
+        rm.copy_(torch.bitwise_and(h, 0xFFFF, out=t)).add_(0.5).mul_(2 ** -16)
+        rv.copy_(torch.bitwise_right_shift(h, 16, out=t)).add_(0.5).mul_(2 ** -16)
+        return rm, rv, self.e[:n], self.up[:n]
+
+
+def _round_stochastic_(x, s, r, e, up, top):
+    """In place, the chunk form of _round_stochastic: x (value units) is overwritten, s receives the code (a float
+    in [0, top]), r the threshold; e, up temporaries."""
+    torch.sqrt(x, out=s).floor_()
+    torch.add(s, s, out=e).add_(1)
+    r.mul_(e)
+    x.addcmul_(s, s, value=-1)
+    return s.add_(torch.gt(x, r, out=up)).clamp_(max=top)
 
 
 class _Constants:
@@ -135,9 +216,10 @@ class _Constants:
         self.eps2_t, self.decay_t = torch.tensor(self.eps2), torch.tensor(self.decay)
 
 
-def _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, c, views):
+def _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, c, views, noise=None):
     """nb whole blocks: pc, gc fp32 (nb * B,) updated in place, codes qm int8 / qv uint8 (nb * B,) requantized
-    in place, dequantize factors km, kv (nb, 1); amax, wmax (nb,) receive max |m~| and max sqrt(v~) per block.
+    in place, dequantize factors km, kv (nb, 1); amax, wmax (nb,) receive max |m~| and max sqrt(v~) per block;
+    noise: (rm, rv, e, up) from _Scratch.noise for stochastic rounding of the codes, None to round to nearest.
     Returns the indices of the blocks skipped for a non-finite value, or None. Each line is one pass over
     L2-resident data (the kernel in kernels.py does the same operations in the same order)."""
     f, a, b, m, d, f2, a2, b2, d2, k, k2, i16 = views
@@ -164,19 +246,27 @@ def _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, c, views):
     # u = max(1, round(sqrt(d * 255^2 / max d)))
     torch.div(_V2_T, torch.clamp(wmax, min=FLT_MIN, out=k), out=k)
     torch.mul(d2, k2, out=b2)
-    b.sqrt_().round_()
-    qv.copy_(i16.copy_(b).clamp_(min=1))  # float -> int16 -> uint8 is 4x faster than float -> uint8
+    if noise is None:
+        u = b.sqrt_().round_()
+    else:  # x = b in units of the code's value (u^2); f receives u
+        u = _round_stochastic_(b, f, noise[1], noise[2], noise[3], V_LEVELS)
+    qv.copy_(i16.copy_(u).clamp_(min=1))  # float -> int16 -> uint8 is 4x faster than float -> uint8
     # AdamW
     d.add_(c.eps2_t)
     if c.decay != 1:
         pc.mul_(c.decay_t)
     pc.addcdiv_(m, d, value=-c.step_size)
-    # q = round(127 sign(m) sqrt(|m| / absmax)) = round(m / sqrt(|m| absmax / 127^2))
-    torch.mul(amax, _INV_M2_T, out=k)
-    torch.mul(a2, k2, out=b2)
-    b.add_(_FLT_MIN_T).sqrt_()
-    torch.div(m, b, out=a)
-    qm.copy_(a.round_())
+    if noise is None:  # q = round(127 sign(m) sqrt(|m| / absmax)) = round(m / sqrt(|m| absmax / 127^2))
+        torch.mul(amax, _INV_M2_T, out=k)
+        torch.mul(a2, k2, out=b2)
+        b.add_(_FLT_MIN_T).sqrt_()
+        torch.div(m, b, out=a)
+        qm.copy_(a.round_())
+    else:  # x = |m| 127^2 / absmax, in units of the code's value (q^2); f receives |q|
+        torch.div(_M2_T, torch.clamp(amax, min=FLT_MIN, out=k), out=k)
+        torch.mul(a2, k2, out=b2)
+        _round_stochastic_(b, f, noise[0], noise[2], noise[3], M_LEVELS)
+        qm.copy_(torch.copysign(f, m, out=f))
     if saved is None:
         return None
     for view, old in saved:
@@ -184,11 +274,12 @@ def _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, c, views):
     return bad
 
 
-def _update_blocks(p, g, qm, qv, amax_old, wmax_old, k):
+def _update_blocks(p, g, qm, qv, amax_old, wmax_old, k, seed=None):
     """The chunked step's math on whole tensors, written for torch.compile (one fused loop per block): p, g fp32
     and the codes qm int8 / qv uint8 as (nblocks, B) views, updated in place with the scales amax_old, wmax_old
-    (nblocks,); k holds the step's constants (a tensor, so a new learning rate does not recompile). A block with
-    a non-finite value keeps its parameters, codes and scales. Returns the number of such blocks (a 0-d tensor)."""
+    (nblocks,); k holds the step's constants (a tensor, so a new learning rate does not recompile); seed (an int64
+    0-d tensor, or None to round to nearest): stochastic rounding of the codes with code_noise. A block with a
+    non-finite value keeps its parameters, codes and scales. Returns the number of such blocks (a 0-d tensor)."""
     km, kv, eps2, decay, step_size, out_m, out_v = k.unbind()
     fm, fv = qm.float(), qv.float()
     m = g + fm * fm.abs() * (amax_old * km)[:, None]      # m~ = g + b1 / (1 - b1) m_old
@@ -198,8 +289,15 @@ def _update_blocks(p, g, qm, qv, amax_old, wmax_old, k):
     d = dd.sqrt()
     ok = amax.isfinite() & wmax.isfinite()
     okc = ok[:, None]
-    u = (d * (V_LEVELS ** 2 / wmax.clamp(min=FLT_MIN))[:, None]).sqrt().round().clamp(min=1)
-    q = (m / (m.abs() * (amax * (1 / M_LEVELS ** 2))[:, None] + FLT_MIN).sqrt()).round()
+    xv = d * (V_LEVELS ** 2 / wmax.clamp(min=FLT_MIN))[:, None]
+    if seed is None:
+        u = xv.sqrt().round().clamp(min=1)
+        q = (m / (m.abs() * (amax * (1 / M_LEVELS ** 2))[:, None] + FLT_MIN).sqrt()).round()
+    else:
+        rm, rv = code_noise(torch.arange(p.numel(), device=p.device).view(p.shape), seed)
+        u = _round_stochastic(xv, rv, V_LEVELS).clamp(min=1)
+        q = _round_stochastic(m.abs() * (M_LEVELS ** 2 / amax.clamp(min=FLT_MIN))[:, None], rm, M_LEVELS)
+        q = q.copysign(m)
     p.copy_(torch.where(okc, p * decay - step_size * m / (d + eps2), p))
     qm.copy_(torch.where(okc, q, fm).to(torch.int8))
     qv.copy_(torch.where(okc, u, fv).to(torch.uint8))  # straight to uint8: an int16 hop would stop vectorizing
@@ -211,7 +309,7 @@ def _update_blocks(p, g, qm, qv, amax_old, wmax_old, k):
 _COMPILED = {}  # "fn": the compiled _update_blocks, or None once compiling has failed in this process
 
 
-def _compiled_step(p, g, st, c):
+def _compiled_step(p, g, st, c, code_seed=None):
     """One fp32 tensor through the compiled step; returns the number of skipped blocks, or None when torch.compile
     is not available here (the caller then takes the chunked path)."""
     if _COMPILED.get("fn", 0) is None:
@@ -219,7 +317,7 @@ def _compiled_step(p, g, st, c):
     B = st["m_codes"].numel() // st["m_absmax"].numel()
     k = torch.tensor([c.km, c.kv / V_LEVELS ** 2, c.eps2, c.decay, c.step_size, c.out_m, c.out_v])
     args = (p.view(-1, B), g.view(-1, B), st["m_codes"].view(-1, B), st["v_codes"].view(-1, B),
-            st["m_absmax"], st["v_wmax"], k)
+            st["m_absmax"], st["v_wmax"], k, None if code_seed is None else torch.tensor(code_seed))
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(_update_blocks, dynamic=True)
         try:
@@ -246,8 +344,8 @@ class _Chunked:
     """One tensor's 8-bit step, cut into chunks of whole blocks that may run in any order on any thread
     (run), then finish() writes the new scales. Chunks never share elements or blocks."""
 
-    def __init__(self, p, g, st, c, seed, chunk):
-        self.p, self.st, self.c, self.seed = p, st, c, seed
+    def __init__(self, p, g, st, c, seed, chunk, code_seed=None):
+        self.p, self.st, self.c, self.seed, self.code_seed = p, st, c, seed, code_seed
         self.n, nblocks = p.numel(), st["m_absmax"].numel()
         self.B = B = st["m_codes"].numel() // nblocks
         self.pflat = p.view(-1) if p.is_contiguous() else p.reshape(-1)  # a copy when p is not contiguous
@@ -275,7 +373,8 @@ class _Chunked:
             if real < n:
                 pc[real:].zero_()
                 gc[real:].zero_()
-        bad = _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, self.c, s.views(n, self.B))
+        noise = None if self.code_seed is None else s.noise(n, b0 * self.B, self.code_seed)
+        bad = _update_chunk(pc, gc, qm, qv, km, kv, amax, wmax, self.c, s.views(n, self.B), noise)
         if bad is not None:
             self.bad.append(bad + b0)
         if through:
@@ -343,21 +442,22 @@ class AdamW8bit(torch.optim.Optimizer):
 
     Per-group options: lr, betas, eps, weight_decay, block_size (a power of two, 16..4096) and min_8bit_size
     (tensors with fewer elements keep fp32 moments). stochastic_rounding: bf16 parameters are written back with
-    stochastic rounding. backend: "auto" (the Triton kernel for CUDA tensors; on CPU the compiled one-pass step
-    for fp32 tensors of COMPILE_MIN elements or more, the chunked torch path for the rest), "torch" (chunked
-    only), "compile" (compiled wherever it applies) or "triton" (on CPU only under TRITON_INTERPRET=1, for tests).
+    stochastic rounding. stochastic_codes: the 8-bit codes are rounded stochastically (False: to nearest).
+    backend: "auto" (the Triton kernel for CUDA tensors; on CPU the compiled one-pass step for fp32 tensors of
+    COMPILE_MIN elements or more, the chunked torch path for the rest), "torch" (chunked only), "compile"
+    (compiled wherever it applies) or "triton" (on CPU only under TRITON_INTERPRET=1, for tests).
     State per parameter: step, skipped_blocks, and either m_codes (int8), m_absmax, v_codes (uint8), v_wmax
     (fp32 per block) or exp_avg, exp_avg_sq (fp32); all plain tensors, so torch.load(weights_only=True) works.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256,
-                 min_8bit_size=4096, stochastic_rounding=True, backend="auto"):
+                 min_8bit_size=4096, stochastic_rounding=True, stochastic_codes=True, backend="auto"):
         if backend not in ("auto", "torch", "triton", "compile"):
             raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'compile', got {backend!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)  # checks each group through add_param_group
-        self.stochastic_rounding = stochastic_rounding
+        self.stochastic_rounding, self.stochastic_codes = stochastic_rounding, stochastic_codes
         self.backend = backend
         self._scratch, self._pool, self._pool_size = {}, None, 0
 
@@ -427,18 +527,19 @@ class AdamW8bit(torch.optim.Optimizer):
                 seed = None
                 if self.stochastic_rounding and p.dtype == torch.bfloat16:
                     seed = (step * 1_000_003 + index) % (1 << 62)  # the same noise after a resume
+                cseed = code_seed(step, index) if self.stochastic_codes else None
                 if "m_codes" not in st:
                     gen = None if seed is None else _generator(p.device, seed)
                     self._count_skipped(p, st, _step_fp32(p, p.grad, st, c, gen))
-                elif self._use_compiled(p) and (n := _compiled_step(p, p.grad, st, c)) is not None:
+                elif self._use_compiled(p) and (n := _compiled_step(p, p.grad, st, c, cseed)) is not None:
                     self._count_skipped(p, st, n)
                 elif self._use_triton(p):
                     import kernels  # blocks with a non-finite gradient are counted on the device, without a sync
                     kernels.adamw8bit_step_triton(p, p.grad, st["m_codes"], st["m_absmax"], st["v_codes"],
-                                                  st["v_wmax"], st["skipped_blocks"], c, seed=seed)
+                                                  st["v_wmax"], st["skipped_blocks"], c, seed=seed, code_seed=cseed)
                 else:
                     chunk = CHUNK_CPU if p.device.type == "cpu" else CHUNK_OTHER
-                    chunked.setdefault(p.device, []).append(_Chunked(p, p.grad, st, c, seed, chunk))
+                    chunked.setdefault(p.device, []).append(_Chunked(p, p.grad, st, c, seed, chunk, cseed))
         for device, tensors in chunked.items():
             scratches = self._scratches(device)
             _run_chunks([(t, *part) for t in tensors for part in t.parts], scratches,
@@ -457,11 +558,13 @@ class AdamW8bit(torch.optim.Optimizer):
     def __setstate__(self, state):  # unpickled or deep-copied: the scratch and the threads are not carried
         super().__setstate__(state)
         self.__dict__.setdefault("stochastic_rounding", True)
+        self.__dict__.setdefault("stochastic_codes", True)
         self.__dict__.setdefault("backend", "auto")
         self._scratch, self._pool, self._pool_size = {}, None, 0
 
     def __getstate__(self):
-        return {**super().__getstate__(), "stochastic_rounding": self.stochastic_rounding, "backend": self.backend}
+        return {**super().__getstate__(), "stochastic_rounding": self.stochastic_rounding,
+                "stochastic_codes": self.stochastic_codes, "backend": self.backend}
 
     def load_state_dict(self, state_dict):
         """As torch's, but the state keeps its own dtypes (torch would cast the codes and the fp32 moments to

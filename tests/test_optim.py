@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import optim
-from optim import AdamW8bit, dequantize_m, dequantize_v, quantize_m, quantize_v
+from optim import AdamW8bit, code_noise, code_seed, dequantize_m, dequantize_v, quantize_m, quantize_v
 
 
 def _params(shapes, dtype=torch.float32, seed=0):
@@ -61,8 +61,9 @@ def test_codes_keep_small_magnitudes_per_block():
 
 # ----------------------------------------------------------------------------- one step
 
-def _reference_step(p, g, st, lr, b1, b2, eps, wd):
-    """AdamW on the dequantized moments, whole tensor, in fp64; returns (p, m_codes, m_absmax, v_codes, v_wmax)."""
+def _reference_step(p, g, st, lr, b1, b2, eps, wd, seed=None):
+    """AdamW on the dequantized moments, whole tensor, in fp64; returns (p, m_codes, m_absmax, v_codes, v_wmax).
+    seed: the codes are rounded stochastically with code_noise(element index, seed)."""
     B = st["m_codes"].numel() // st["m_absmax"].numel()
     n, t = p.numel(), int(st["step"]) + 1
     m = dequantize_m(st["m_codes"], st["m_absmax"]).double()
@@ -71,20 +72,23 @@ def _reference_step(p, g, st, lr, b1, b2, eps, wd):
     m, v = b1 * m + (1 - b1) * gp, b2 * v + (1 - b2) * gp * gp
     upd = (m[:n] / (1 - b1 ** t)) / ((v[:n] / (1 - b2 ** t)).sqrt() + eps)
     new_p = p.detach().double().reshape(-1) * (1 - lr * wd) - lr * upd
-    return (new_p.view(p.shape),) + quantize_m(m.float(), B) + quantize_v(v.float(), B)
+    rm, rv = (None, None) if seed is None else code_noise(torch.arange(m.numel()), seed)
+    return (new_p.view(p.shape),) + quantize_m(m.float(), B, rm) + quantize_v(v.float(), B, rv)
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("chunk", [512, optim.CHUNK_CPU])
-def test_step_matches_whole_tensor_reference(monkeypatch, chunk):
+def test_step_matches_whole_tensor_reference(monkeypatch, chunk, stochastic):
     monkeypatch.setattr(optim, "CHUNK_CPU", chunk)  # 512: many chunks per tensor and a padded last chunk
     (p,) = _params([(33, 150)])
-    opt = AdamW8bit([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, min_8bit_size=0)
+    opt = AdamW8bit([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, min_8bit_size=0, stochastic_codes=stochastic)
     for step in range(4):
         _grads([p], step)
         st = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
         if not st:
             st = opt._init_state(p, opt.param_groups[0])
-        ref = _reference_step(p, p.grad, st, 1e-2, 0.9, 0.99, 1e-8, 0.1)
+        seed = code_seed(step + 1, 0) if stochastic else None
+        ref = _reference_step(p, p.grad, st, 1e-2, 0.9, 0.99, 1e-8, 0.1, seed)
         opt.step()
         st = opt.state[p]
         # fp32 vs fp64 and the algebra of the chunked path: parameters agree to fp32 rounding; a code may sit on
@@ -95,6 +99,52 @@ def test_step_matches_whole_tensor_reference(monkeypatch, chunk):
             assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, key
         torch.testing.assert_close(st["m_absmax"], ref[2], rtol=1e-5, atol=0)
         torch.testing.assert_close(st["v_wmax"], ref[4], rtol=1e-5, atol=0)
+
+
+def test_stochastic_codes_are_unbiased():
+    """Rounding a code up with probability equal to the value's distance from the level below (over the step
+    between the two levels) keeps each moment unbiased: averaged over 400 seeds the dequantized value is x to
+    within the average's noise, where rounding to nearest is off by up to half a level (4% of x at A / 1000)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, generator=g) * 10.0 ** -torch.randint(0, 4, (4, 256), generator=g).float()
+    index = torch.arange(x.numel())
+    avg_m, avg_w = torch.zeros(x.numel()), torch.zeros(x.numel())
+    for seed in range(400):
+        rm, rv = code_noise(index, code_seed(seed, 3))
+        assert 0 < rm.min() and rm.max() < 1 and abs(rm.mean() - 0.5) < 0.03 and abs(rv.mean() - 0.5) < 0.03
+        avg_m += dequantize_m(*quantize_m(x, 256, rm)) / 400
+        avg_w += dequantize_v(*quantize_v(x * x, 256, rv)).sqrt() / 400
+    near_m = dequantize_m(*quantize_m(x, 256))
+    rel = lambda a: ((a - x.view(-1)).abs() / x.abs().view(-1)).median()
+    assert rel(avg_m) < 0.004 < 0.01 < rel(near_m)
+    wide = x.abs().view(-1) >= x.abs().max() / 1e3  # u >= 1 floors sqrt(v) at wmax / 255^2 below that
+    assert ((avg_w - x.abs().view(-1)).abs() / x.abs().view(-1))[wide].median() < 0.004
+
+
+def test_a_moment_that_only_decays_keeps_decaying_with_stochastic_codes():
+    """After 10 steps of gradient 1e-2 and 60 of 0 (one element of the block keeps a gradient of 1, so the
+    block's scale stays), fp32 AdamW's m has decayed by 0.9^60 and v by 0.99^60. Rounded to nearest, small codes
+    stick (|q| <= 9 when m decays by 0.9, u < 200 when sqrt(v) decays by 0.995), so m stays at a level and v does not
+    shrink; rounded stochastically, m and sqrt(v) follow fp32 AdamW on average."""
+    def run(make):
+        p = torch.nn.Parameter(torch.zeros(256))
+        opt = make([p])
+        for step in range(70):
+            p.grad = torch.full((256,), 1e-2 if step < 10 else 0.0)
+            p.grad[0] = 1.0
+            opt.step()
+        return opt.state[p]
+    ref = run(lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.99)))
+    small = slice(1, None)
+    m_ref, w_ref = ref["exp_avg"][small].mean(), ref["exp_avg_sq"][small].sqrt().mean()
+    for stochastic in (False, True):
+        st = run(lambda ps: AdamW8bit(ps, betas=(0.9, 0.99), min_8bit_size=0, stochastic_codes=stochastic))
+        m = dequantize_m(st["m_codes"], st["m_absmax"])[small].mean()
+        w = dequantize_v(st["v_codes"], st["v_wmax"])[small].sqrt().mean()  # sqrt(v): Adam's denominator
+        if stochastic:
+            assert abs(m / m_ref - 1) < 0.3 and abs(w / w_ref - 1) < 0.05
+        else:
+            assert m / m_ref > 10 and w / w_ref > 1.25
 
 
 def test_small_tensors_keep_fp32_moments_and_match_torch_adamw():
@@ -275,14 +325,16 @@ def test_bf16_stochastic_rounding_keeps_updates_smaller_than_an_ulp():
 
 # ----------------------------------------------------------------------------- the Triton kernel
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_kernel_matches_the_torch_path(dtype):
-    """Under TRITON_INTERPRET=1 on CPU (conftest.py), on a CUDA GPU where there is one."""
+@pytest.mark.parametrize("dtype,stochastic", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                                              (torch.float16, False)])
+def test_triton_kernel_matches_the_torch_path(dtype, stochastic):
+    """Under TRITON_INTERPRET=1 on CPU (conftest.py), on a CUDA GPU where there is one. stochastic: the codes are
+    rounded stochastically (the kernel hashes the same noise as the torch path)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = (5, 300)  # 1500 elements: 6 blocks of 256, the last one padded
     ps = {b: _params([shape], dtype)[0].to(device) for b in ("torch", "triton")}
-    opts = {b: AdamW8bit([ps[b]], lr=1e-2, weight_decay=0.1, min_8bit_size=0, stochastic_rounding=False, backend=b)
-            for b in ps}
+    opts = {b: AdamW8bit([ps[b]], lr=1e-2, weight_decay=0.1, min_8bit_size=0, stochastic_rounding=False,
+                         stochastic_codes=stochastic, backend=b) for b in ps}
     for step in range(3):
         _grads([ps["torch"]], step)
         if step == 2:
@@ -372,11 +424,12 @@ def test_converges_like_fp32_adamw_on_a_tiny_gpt():
 
 # ----------------------------------------------------------------------------- the compiled CPU step
 
-def _compiled_vs_chunked(shapes, steps, bad_at=None):
+def _compiled_vs_chunked(shapes, steps, bad_at=None, stochastic=True):
     runs = {}
     for backend in ("torch", "compile"):
         params = _params(shapes)
-        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=0, backend=backend)
+        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=0, backend=backend,
+                        stochastic_codes=stochastic)
         for step in range(steps):
             _grads(params, step)
             if step == bad_at:
@@ -388,12 +441,13 @@ def _compiled_vs_chunked(shapes, steps, bad_at=None):
     return runs
 
 
-def test_compiled_step_matches_the_chunked_path():
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_compiled_step_matches_the_chunked_path(stochastic):
     """The compiled one-pass step (torch.compile of optim._update_blocks) against the chunked path: the same
     operations in fp32, up to the compiler's re-association of a few products, so parameters agree within an
     ulp or two and a code may cross a rounding boundary (one level, rarely). The (37, 100) tensor is not whole
     blocks: it takes the chunked path in both."""
-    runs = _compiled_vs_chunked([(9, 512), (37, 100)], steps=4, bad_at=2)
+    runs = _compiled_vs_chunked([(9, 512), (37, 100)], steps=4, bad_at=2, stochastic=stochastic)
     (pt, ot), (pc, oc) = runs["torch"], runs["compile"]
     assert "fn" in optim._COMPILED and optim._COMPILED["fn"] is not None, "torch.compile failed here"
     for a, b in zip(pt, pc):
