@@ -61,11 +61,11 @@ class TrainConfig:
     # optimisation
     batch_size: int = 36            # rows per micro-batch per process
     grad_accum: int = 1             # micro-batches per step per process
-    max_iters: int = 800            # length of the LR schedule
+    max_iters: int = 700            # length of the LR schedule
     stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_iters: int = 80
+    warmup_iters: int = 70
     weight_decay: float = 0.1       # on matrices only
     beta1: float = 0.9
     beta2: float = 0.99
