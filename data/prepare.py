@@ -121,10 +121,11 @@ def main(argv=None):
         r.add_argument("--out", default=os.path.join(DATA_ROOT, mode))
         for f in fields(TaskConfig):
             v = getattr(defaults, f.name)
-            kind = (lambda s, t=type(v[0]): tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
+            t = type(v[0]) if isinstance(v, tuple) and v else float
+            kind = (lambda s, t=t: tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
                 (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
             r.add_argument(f"--{f.name}", type=kind, default=v,
-                           help=f"default {','.join(map(str, v)) if isinstance(v, tuple) else v}")
+                           help=f"default {','.join(map(str, v)) or 'per level' if isinstance(v, tuple) else v}")
     t = sub.add_parser("text", help="tokenize a text file", allow_abbrev=False)
     t.add_argument("--input", required=True)
     t.add_argument("--out", required=True)

@@ -109,9 +109,25 @@ def test_corpus_is_deterministic_and_the_style_mix_is_respected():
     assert 0.75 < styles.count("verbose") / len(styles) < 0.85
 
 
+def test_style_mix_per_level_and_the_default_leans_verbose_at_every_level():
+    cfg = TaskConfig(levels=(1, 4), level_weights=(1, 1), style_mix=(1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    for prompt, ans in make_examples(cfg, "train", 300):
+        a, b = map(int, prompt.split("+"))
+        assert style_of(ans) == ("direct" if b < 10 else "verbose")  # level 1 adds one digit, level 4 three+
+    by_level = {}
+    for prompt, ans in make_examples(TaskConfig(), "train", 4000):
+        by_level.setdefault(int(prompt.split("+")[1]) < 10, []).append(style_of(ans))
+    for styles in by_level.values():  # level 1 (second operand one digit) and the rest: verbose is the commonest
+        assert max(STYLES, key=styles.count) == "verbose"
+    assert by_level[True].count("direct") > 2 * by_level[False].count("direct") * len(by_level[True]) / len(
+        by_level[False])  # the default draws direct answers mostly where they are learnable
+
+
 def test_task_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="style_mix"):
         TaskConfig(style_mix=(1.0, 0.0))
+    with pytest.raises(ValueError, match="3 per level"):
+        TaskConfig(levels=(1, 2), level_weights=(1, 1), style_mix=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="levels"):
         TaskConfig(levels=(1, 9), level_weights=(1, 1))
 
