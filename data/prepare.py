@@ -2,7 +2,7 @@
 
     python data/prepare.py reasoning                       # the built-in reasoning corpus -> data/reasoning/
     python data/prepare.py reasoning --style_mix 0.3,0.4,0.3 --out data/reasoning_mix
-    python data/prepare.py subtraction                     # the fine-tuning task (a - b, borrow working) -> data/subtraction/
+    python data/prepare.py subtraction                     # fine-tuning task: a - b, nines' complement
     python data/prepare.py text --input my.txt --out data/mytext --tokenizer bpe --vocab_size 2048
 
 Ideas it rests on:
@@ -124,8 +124,8 @@ def main(argv=None):
             t = type(v[0]) if isinstance(v, tuple) and v else float
             kind = (lambda s, t=t: tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
                 (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-            r.add_argument(f"--{f.name}", type=kind, default=v,
-                           help=f"default {','.join(map(str, v)) or 'per level' if isinstance(v, tuple) else v}")
+            shown = (",".join(map(str, v)) or "DEFAULT_MIX in data/tasks.py, per level") if isinstance(v, tuple) else v
+            r.add_argument(f"--{f.name}", type=kind, default=v, help=f"default {shown}")
     t = sub.add_parser("text", help="tokenize a text file", allow_abbrev=False)
     t.add_argument("--input", required=True)
     t.add_argument("--out", required=True)
