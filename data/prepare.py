@@ -121,8 +121,8 @@ def main(argv=None):
         r.add_argument("--out", default=os.path.join(DATA_ROOT, mode))
         for f in fields(TaskConfig):
             v = getattr(defaults, f.name)
-            t = type(v[0]) if isinstance(v, tuple) and v else float
-            kind = (lambda s, t=t: tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
+            elem = type(v[0]) if isinstance(v, tuple) and v else float  # an empty tuple default holds floats
+            kind = (lambda s, t=elem: tuple(t(x) for x in s.split(","))) if isinstance(v, tuple) else \
                 (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
             shown = (",".join(map(str, v)) or "DEFAULT_MIX in data/tasks.py, per level") if isinstance(v, tuple) else v
             r.add_argument(f"--{f.name}", type=kind, default=v, help=f"default {shown}")
