@@ -48,7 +48,9 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts, bos=False, eos=False):
-        batch = self.enc.encode_ordinary_batch(list(texts))
+        # a plain loop: tiktoken's encode_ordinary_batch submits one thread-pool task per text, which for the
+        # corpus's 62k short documents took 4.7 s against 0.5 s for this loop (2 cores)
+        batch = [self.enc.encode_ordinary(t) for t in texts]
         if bos or eos:
             batch = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
         return batch
