@@ -27,18 +27,21 @@ from torch.utils.checkpoint import checkpoint
 
 def rope_tables(n_head, rope_heads, head_dim, max_len, base=10000.0):
     """cos/sin tables (max_len, n_head, head_dim); heads from rope_heads on get cos=1, sin=0 (no rotation), so
-    one elementwise pass handles the rotary and the plain heads alike."""
+    one elementwise pass handles the rotary and the plain heads alike. The first half of sin is negated: the
+    rotation's minus sign lives in the table, not in a pass over the activations."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv).repeat(1, 2)  # (T, hd): halves share angles
     ang = ang[:, None, :] * (torch.arange(n_head) < rope_heads).float()[None, :, None]
-    return torch.cos(ang), torch.sin(ang)
+    sign = torch.ones(head_dim)
+    sign[:head_dim // 2] = -1.0
+    return torch.cos(ang), torch.sin(ang) * sign
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + hd/2]); x (B, H, T, hd), cos/sin broadcastable to it."""
+    """Rotate the pairs (x[i], x[i + hd/2]): x * cos + (x2, x1) * sin, with sin from rope_tables (sign folded
+    in); x (B, H, T, hd), cos/sin broadcastable to it."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return torch.addcmul(x.float() * cos, torch.cat([x2, x1], dim=-1).float(), sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -73,10 +76,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "none" if config.gelu == "exact" else "tanh"
 
     def forward(self, x):
-        # tanh approximation: what GPT-2 was trained with, so pretrained weights load exactly
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -123,6 +126,7 @@ class GPTConfig:
     bias: bool = True
     rope_heads: int = 0        # heads (from the first) that also use rotary positions; 0 = plain GPT-2
     rope_base: float = 10000.0
+    gelu: str = "exact"        # exact (erf; about half the CPU time of tanh) or tanh (GPT-2's, for its weights)
 
 
 class GPT(nn.Module):
@@ -130,6 +134,8 @@ class GPT(nn.Module):
         super().__init__()
         if not 0 <= config.rope_heads <= config.n_head:
             raise ValueError(f"rope_heads={config.rope_heads} must be between 0 and n_head={config.n_head}")
+        if config.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu={config.gelu!r} must be exact or tanh")
         if config.rope_heads and (config.n_embd // config.n_head) % 2:
             raise ValueError("rotary heads need an even head dimension (n_embd / n_head)")
         self.config = config
@@ -307,7 +313,8 @@ class GPT(nn.Module):
         with open(cfg_path) as f:
             hf = json.load(f)
         config = GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           gelu="tanh")  # GPT-2 was trained with the tanh approximation
         for k, v in overrides.items():
             setattr(config, k, v)
         st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
@@ -404,6 +411,7 @@ def read_safetensors(path):
 
 
 def config_from_dict(d):
-    """A GPTConfig from a saved dict, ignoring keys this version does not know."""
+    """A GPTConfig from a saved dict, ignoring keys this version does not know. Checkpoints from before the gelu
+    field were trained with the tanh approximation."""
     names = {f.name for f in fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in d.items() if k in names})
+    return GPTConfig(**{"gelu": "tanh", **{k: v for k, v in d.items() if k in names}})

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, PEAK_FLOPS, peak_flops
+from model import GPT, GPTConfig, PEAK_FLOPS, apply_rope, config_from_dict, peak_flops, rope_tables
 
 
 def tiny(rope_heads=2, **kw):
@@ -84,6 +84,24 @@ def test_rows_stop_at_eos_independently_and_lengths_count_the_eos():
         assert (out[r, want:] == eos).all()  # filled after the end
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_that_end_early_leave_the_batch_without_changing_any_answer(use_cache):
+    m = tiny()
+    g = torch.Generator().manual_seed(6)
+    a, b, c = (torch.randint(0, 37, (n,), generator=g) for n in (3, 6, 4))
+    prompts = [a, b, c, a] * 5  # 20 ragged rows; the a rows will end after a few tokens
+    free, _ = m.generate(prompts, 30, temperature=0)
+    eos = next(int(x) for x in free[0, :4] if x not in free[1:3, :12])  # ends a early, b and c much later
+    out, lens = m.generate(prompts, 30, temperature=0, eos_id=eos, use_cache=use_cache)
+    assert int((lens <= 4).sum()) == 10 and int(lens[1]) > 12 and int(lens[2]) > 12  # rows were dropped
+    for r in range(len(prompts)):
+        hits = (free[r] == eos).nonzero()
+        want = int(hits[0]) + 1 if len(hits) else 30
+        assert int(lens[r]) == want
+        assert torch.equal(out[r, :want], free[r, :want])
+        assert (out[r, want:] == eos).all()
+
+
 def test_sampling_is_reproducible_with_a_generator_and_top_k_1_is_greedy():
     m = tiny()
     p = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(4))
@@ -120,6 +138,32 @@ def test_generate_rejects_a_budget_beyond_block_size():
 def test_rope_heads_must_fit_the_model():
     with pytest.raises(ValueError, match="rope_heads"):
         tiny(rope_heads=5)
+
+
+def test_rope_rotates_each_pair_by_its_angle_on_rope_heads_only():
+    H, hd, T, base = 3, 8, 11, 10000.0
+    cos, sin = rope_tables(H, 2, hd, T, base)
+    x = torch.randn(2, H, T, hd)
+    got = apply_rope(x, cos.transpose(0, 1), sin.transpose(0, 1))
+    # reference: pair (i, i + hd/2) is the complex number x_i + j x_{i+hd/2}, turned by t * base^(-2i/hd)
+    z = torch.complex(x[..., :hd // 2], x[..., hd // 2:])
+    ang = torch.arange(T)[:, None] * base ** (-torch.arange(0, hd, 2) / hd)[None, :]
+    turned = z[:, :2] * torch.polar(torch.ones_like(ang), ang)
+    torch.testing.assert_close(got[:, :2], torch.cat([turned.real, turned.imag], -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, 2:], x[:, 2:])  # a plain head is untouched
+
+
+def test_gelu_is_exact_by_default_and_old_checkpoints_keep_tanh():
+    x = torch.randn(3, 5, 32)
+    exact, tanh = tiny(), tiny(gelu="tanh")
+    assert exact.config.gelu == "exact"
+    assert not torch.equal(exact.transformer.h[0].mlp(x), tanh.transformer.h[0].mlp(x))
+    torch.testing.assert_close(exact.transformer.h[0].mlp(x), tanh.transformer.h[0].mlp(x), rtol=0, atol=1e-2)
+    old = dict(block_size=64, vocab_size=37, n_layer=2, n_head=4, n_embd=32, rope_heads=2)  # saved before the field
+    assert config_from_dict(old).gelu == "tanh"
+    assert config_from_dict({**old, "gelu": "exact"}).gelu == "exact"
+    with pytest.raises(ValueError, match="gelu"):
+        tiny(gelu="relu")
 
 
 def test_gpt2_init_scales_residual_projections():

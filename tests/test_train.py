@@ -62,6 +62,9 @@ def test_unknown_flag_names_the_close_matches():
         train.parse_config(train.TrainConfig, ["--n_layr", "3"])
     with pytest.raises(train.UserError, match="expects int"):
         train.parse_config(train.TrainConfig, ["--n_layer", "three"])
+    cfg, _ = train.parse_config(train.TrainConfig, ["--gelu", "relu"])
+    with pytest.raises(train.UserError, match="--gelu must be exact or tanh"):
+        train.check_config(cfg)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
