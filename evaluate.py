@@ -3,7 +3,8 @@
 Ideas it rests on:
 - One row per (difficulty level, style): accuracy and mean generated tokens; "untagged" lets the model pick its
   style (and records which it picked), a style name forces it by putting the tag in the prompt.
-- Prompts are batched by length, so no batch needs padding and generate() takes its fast path.
+- Prompts of all levels and styles are batched by length together: no batch needs padding, generate() takes
+  its fast path, and rows that end early leave their batch.
 - train.py and the RL loop print the same table from the same function.
 """
 from contextlib import nullcontext
@@ -17,36 +18,40 @@ from data.tasks import STYLES, check_answer, held_out_problems, prompt_text, sty
 def evaluate_reasoning(model, tok, task, device, n_per_level, styles=(None,), batch=256, ctx=nullcontext(),
                        budget=None):
     """Greedy answers to the held-out test problems: one row per (level, style) with accuracy, mean generated
-    tokens, and (untagged) the share of answers that chose each style. Prompts are batched by length, so no batch
-    needs padding (the fast path of generate()). budget: a token budget written in every prompt (for models
-    trained by reason_rl.py with a target length)."""
+    tokens, and (untagged) the share of answers that chose each style. Prompts of every level and style are
+    batched by length, so no batch needs padding (the fast path of generate()) and there are few batches: on a
+    small model a decode step costs mostly its fixed overhead, so fewer, fuller batches are faster. budget: a
+    token budget written in every prompt (for models trained by reason_rl.py with a target length)."""
+    groups = [(level, style, held_out_problems(task, level, n_per_level)) for level in task.levels
+              for style in styles]
+    items = [(g, i, tok.encode(prompt_text(p, style, budget), bos=True))
+             for g, (_, style, problems) in enumerate(groups) for i, p in enumerate(problems)]
+    by_len = {}
+    for item in items:
+        by_len.setdefault(len(item[2]), []).append(item)
+    stats = [dict(correct=0, tokens=0, chosen={s: 0 for s in STYLES}) for _ in groups]
+    for length, same in sorted(by_len.items()):
+        for c in range(0, len(same), batch):
+            part = same[c:c + batch]
+            with ctx:
+                out, lens = model.generate([prompt for _, _, prompt in part], model.config.block_size - length,
+                                           temperature=0, eos_id=tok.eos_id)
+            for (g, i, _), row, n in zip(part, out.tolist(), lens.tolist()):
+                _, style, problems = groups[g]
+                text = decode_answer(tok, row[:n])
+                full = f"[{style}]\n{text}" if style else text
+                st = stats[g]
+                st["correct"] += check_answer(full, problems[i])
+                st["tokens"] += n
+                if style is None and style_of(full):
+                    st["chosen"][style_of(full)] += 1
     rows = []
-    for level in task.levels:
-        problems = held_out_problems(task, level, n_per_level)
-        for style in styles:
-            prompts = [tok.encode(prompt_text(p, style, budget), bos=True) for p in problems]
-            by_len = {}
-            for i, p in enumerate(prompts):
-                by_len.setdefault(len(p), []).append(i)
-            correct, tokens, chosen = 0, 0, {s: 0 for s in STYLES}
-            for length, idx in by_len.items():
-                for c in range(0, len(idx), batch):
-                    part = idx[c:c + batch]
-                    with ctx:
-                        out, lens = model.generate([prompts[i] for i in part], model.config.block_size - length,
-                                                   temperature=0, eos_id=tok.eos_id)
-                    for i, row, n in zip(part, out.tolist(), lens.tolist()):
-                        text = decode_answer(tok, row[:n])
-                        full = f"[{style}]\n{text}" if style else text
-                        correct += check_answer(full, problems[i])
-                        tokens += n
-                        if style is None and style_of(full):
-                            chosen[style_of(full)] += 1
-            r = dict(level=level, style=style or "untagged", n=len(problems), accuracy=correct / len(problems),
-                     mean_tokens=tokens / len(problems))
-            if style is None:
-                r["chose"] = {s: c / len(problems) for s, c in chosen.items()}
-            rows.append(r)
+    for (level, style, problems), st in zip(groups, stats):
+        n = len(problems)
+        r = dict(level=level, style=style or "untagged", n=n, accuracy=st["correct"] / n, mean_tokens=st["tokens"] / n)
+        if style is None:
+            r["chose"] = {s: c / n for s, c in st["chosen"].items()}
+        rows.append(r)
     return rows
 
 

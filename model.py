@@ -222,6 +222,7 @@ class GPT(nn.Module):
         baseline that bench.py and the tests compare against).
         num_samples=G: G continuations per prompt (rows b*G .. b*G+G-1 belong to prompt b); each prompt is
         prefilled once and its cache copied to its G rows (the rollouts of GRPO-style RL).
+        Once half the rows have ended, they leave the batch (and the cache): the rest decode at the smaller size.
         """
         device = self.transformer.wte.weight.device
         if isinstance(idx, torch.Tensor) and idx.dim() == 2:
@@ -270,6 +271,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out_len = torch.full((B,), max_new_tokens, device=device)
         fill = eos_id if eos_id is not None else 0
+        active = full_seq = full_len = None  # set once rows that ended are dropped from the batch
         t, n = T0, 0
         for n in range(max_new_tokens):
             if cache is None:  # the baseline: the whole prefix again, every step
@@ -298,7 +300,22 @@ class GPT(nn.Module):
                 done |= hit
                 if bool(done.all()):
                     break
+                if 2 * int(done.sum()) >= len(done) >= 8:  # half the rows have ended: stop computing them
+                    if active is None:
+                        active, full_seq, full_len = torch.arange(len(done), device=device), seq, out_len
+                    fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+                    full_seq[active[fin]] = seq[fin]
+                    full_seq[active[fin], t:] = fill
+                    full_len[active[fin]] = out_len[fin]
+                    active, seq, positions, key_ok, done, out_len = (
+                        a[keep] for a in (active, seq, positions, key_ok, done, out_len))
+                    if cache is not None:
+                        for key in cache.k:
+                            cache.k[key], cache.v[key] = cache.k[key][keep], cache.v[key][keep]
         self.train(was_training)
+        if active is not None:  # put the rows still running back among those that ended early
+            full_seq[active], full_len[active] = seq, out_len
+            seq, out_len = full_seq, full_len
         return seq[:, T0:t], out_len
 
     # ------------------------------------------------------------------------- loading and accounting
