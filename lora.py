@@ -211,12 +211,15 @@ def _targets(targets):
     return tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) else tuple(targets)
 
 
-def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", dropout=0.0, loftq_iters=0):
+def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", dropout=0.0, loftq_iters=0,
+              loftq_split="sqrt"):
     """In place: every nn.Linear whose last name is in targets -> LoRALinear over a frozen base of format base
-    (float, int4g64, nf4g64, nf4g64-dq, ...); loftq_iters > 0 initialises a 4-bit base and its adapters by LoFTQ.
-    Every other parameter of the model is frozen. Returns the model."""
+    (float, int4g64, nf4g64, nf4g64-dq, ...); loftq_iters > 0 initialises a 4-bit base and its adapters by LoFTQ
+    (loftq_split: see loftq_init). Every other parameter of the model is frozen. Returns the model."""
     kind, _, _ = parse_base(base)
     targets = _targets(targets)
+    if loftq_split not in ("sqrt", "lora"):
+        raise ValueError(f"loftq_split={loftq_split!r} must be sqrt or lora")
     if loftq_iters and kind == "float":
         raise ValueError("LoftQ initialises a quantized base: give a 4-bit base (e.g. nf4g64), or drop LoftQ")
     if quant.is_quantized(model) or describe(model) is not None:
@@ -234,7 +237,7 @@ def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", 
             frozen.bias.data.copy_(m.bias.detach())
         new = LoRALinear(frozen, rank, alpha, dropout)
         if loftq_iters:
-            tensors, A, B, new.loftq_errors = loftq_init(m.weight, rank, base, loftq_iters, new.scaling)
+            tensors, A, B, new.loftq_errors = loftq_init(m.weight, rank, base, loftq_iters, new.scaling, loftq_split)
             new.lora_A.data.copy_(A)
             new.lora_B.data.copy_(B)
         else:
@@ -336,7 +339,7 @@ def apply_flags_(model, cfg):
     --lora_merge; returns a line to print, or None."""
     if cfg.lora_rank and describe(model) is None:
         add_lora_(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base, cfg.lora_dropout,
-                  cfg.loftq_iters if cfg.loftq else 0)
+                  cfg.loftq_iters if cfg.loftq else 0, cfg.loftq_split)
     if cfg.lora_merge:
         if describe(model) is None:
             raise ValueError("--lora_merge: the --init_from checkpoint holds no LoRA adapters")
@@ -358,6 +361,8 @@ def check_flags(cfg):
         return "LoRA fine-tunes a trained model: give --init_from CHECKPOINT"
     if cfg.lora_rank and (cfg.qat or cfg.fsdp or cfg.lora_merge):
         return "--lora_rank does not combine with --qat, --fsdp or --lora_merge: drop one (use DDP for LoRA)"
+    if cfg.loftq_split not in ("sqrt", "lora"):
+        return f"--loftq_split must be sqrt or lora, not {cfg.loftq_split!r}"
     if cfg.loftq and (not cfg.lora_rank or kind == "float"):
         return "--loftq needs --lora_rank R and a 4-bit --lora_base (int4g64 or nf4g64)"
     if not _targets(cfg.lora_targets):

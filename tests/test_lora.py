@@ -154,6 +154,8 @@ def test_add_lora_rejects_bad_input():
         lora.add_lora_(tiny_gpt(), 4, targets=("q_proj",))
     with pytest.raises(ValueError, match="already"):
         lora.add_lora_(lora.add_lora_(tiny_gpt(), 4), 4)
+    with pytest.raises(ValueError, match="loftq_split"):
+        lora.add_lora_(tiny_gpt(), 4, base="nf4g64", loftq_iters=2, loftq_split="half")
 
 
 @pytest.mark.parametrize("base", ["float", "nf4g64"])
@@ -244,7 +246,8 @@ def test_subtraction_task_has_its_own_held_out_problems():
 def test_lora_flags_give_one_line_errors():
     bad = [dict(lora_rank=4), dict(lora_rank=4, init_from="x.pt", lora_base="nf4"),
            dict(lora_rank=4, init_from="x.pt", qat="w4g32"), dict(loftq=True, lora_rank=4, init_from="x.pt"),
-           dict(lora_merge=True), dict(lora_rank=-1, init_from="x.pt")]
+           dict(lora_merge=True), dict(lora_rank=-1, init_from="x.pt"),
+           dict(lora_rank=4, init_from="x.pt", lora_base="nf4g64", loftq=True, loftq_split="half")]
     for kw in bad:
         with pytest.raises(train.UserError) as e:
             train.check_config(train.TrainConfig(**kw))
