@@ -100,7 +100,7 @@ class TrainConfig:
     lora_targets: str = "c_attn,c_proj,c_fc"
     loftq: bool = False             # LoftQ: initialise the 4-bit base and the adapters together (else B = 0)
     loftq_iters: int = 5
-    loftq_split: str = "sqrt"       # sqrt: sqrt(S) on A and B (the paper's); lora: A at LoRA's init scale
+    loftq_split: str = "lora"       # lora: A at LoRA's init scale, B the rest; sqrt: sqrt(S) on each (the paper's)
     lora_merge: bool = False        # merge --init_from's adapters into float weights (then --ptq to requantize)
     # system
     device: str = "auto"            # auto: cuda > mps > cpu

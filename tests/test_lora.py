@@ -194,7 +194,7 @@ def test_loftq_lowers_the_reconstruction_error_with_each_iteration(fmt):
     torch.manual_seed(0)
     W = torch.randn(96, 128) * 0.02 + 0.05 * torch.randn(96, 3) @ torch.randn(3, 128) / 3  # weights + a low-rank part
     rank, s = 8, 2.0
-    tensors, A, B, errors = lora.loftq_init(W, rank, fmt, iters=5, scaling=s)
+    tensors, A, B, errors = lora.loftq_init(W, rank, fmt, iters=5, scaling=s, split="sqrt")
     plain = (W - lora.dequantize_base(lora.quantize_base(W, fmt), fmt, W.shape)).norm() / W.norm()
     assert len(errors) == 5 and errors[0] < plain
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
