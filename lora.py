@@ -91,6 +91,8 @@ class Frozen4bitLinear(nn.Module):
     """A frozen linear layer of 4-bit codes (int4 affine groups, or NF4 with optional double-quantized scales);
     y = x W^T + b through kernels.int4_matmul (Triton on CUDA, the chunked torch path elsewhere)."""
 
+    stores_codes = True  # GPT.get_num_params counts its weight at in x out
+
     def __init__(self, in_features, out_features, bias, fmt, device=None):
         super().__init__()
         kind, g, dq = parse_base(fmt)

@@ -468,6 +468,8 @@ class Int4Linear(nn.Module):
     elsewhere). 2-, 3-bit and ternary codes use the same nibbles. NF4 codes carry no zeros: the kernels look their
     16 levels up in NF4_LEVELS instead."""
 
+    stores_codes = True  # GPT.get_num_params counts its weight at in x out
+
     def __init__(self, in_features, out_features, bias, spec, group_size, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -500,6 +502,8 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """A frozen linear layer for 5 to 8 bits: one uint8 code per weight, fp16 scales and uint8 zeros per group;
     forward dequantizes in torch and multiplies."""
+
+    stores_codes = True  # GPT.get_num_params counts its weight at in x out
 
     def __init__(self, in_features, out_features, bias, spec, group_size, device=None):
         super().__init__()

@@ -145,6 +145,18 @@ def test_add_lora_trains_only_the_adapters_and_stores_4_bit_bases(base):
             assert not any(p.numel() >= m.in_features * m.out_features for p in m.base.parameters())
 
 
+@pytest.mark.parametrize("base", ["float", "nf4g64", "int4g64"])
+def test_num_params_counts_4_bit_weights_at_their_logical_size(base):
+    n_float = tiny_gpt().get_num_params()
+    m = lora.add_lora_(tiny_gpt(), 4, base=base)
+    n_lora = sum(p.numel() for name, p in m.named_parameters() if "lora_" in name)
+    assert m.get_num_params() == n_float + n_lora
+    q = tiny_gpt()
+    quant.quantize_(q, "w4g32")
+    quant.convert_(q)
+    assert q.get_num_params() == n_float
+
+
 def test_add_lora_rejects_bad_input():
     with pytest.raises(ValueError, match="nf4g64"):
         lora.add_lora_(tiny_gpt(), 4, base="nf4g48")
