@@ -33,6 +33,7 @@ import quant
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the blocks (lm_head is tied to wte)
 BASE_GRAMMAR = "float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq)"
 DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
+LOFTQ_SPLITS = ("lora", "sqrt")  # how loftq_init shares the rank-r product between A and B
 A_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of A under nn.Linear's kaiming_uniform_(a=sqrt(5)) init
 _BASE_RE = re.compile(r"(?P<kind>int4|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
 
@@ -221,7 +222,7 @@ def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", 
     (loftq_split: see loftq_init). Every other parameter of the model is frozen. Returns the model."""
     kind, _, _ = parse_base(base)
     targets = _targets(targets)
-    if loftq_split not in ("sqrt", "lora"):
+    if loftq_split not in LOFTQ_SPLITS:
         raise ValueError(f"loftq_split={loftq_split!r} must be sqrt or lora")
     if loftq_iters and kind == "float":
         raise ValueError("LoftQ initialises a quantized base: give a 4-bit base (e.g. nf4g64), or drop LoftQ")
@@ -364,7 +365,7 @@ def check_flags(cfg):
         return "LoRA fine-tunes a trained model: give --init_from CHECKPOINT"
     if cfg.lora_rank and (cfg.qat or cfg.fsdp or cfg.lora_merge):
         return "--lora_rank does not combine with --qat, --fsdp or --lora_merge: drop one (use DDP for LoRA)"
-    if cfg.loftq_split not in ("sqrt", "lora"):
+    if cfg.loftq_split not in LOFTQ_SPLITS:
         return f"--loftq_split must be sqrt or lora, not {cfg.loftq_split!r}"
     if cfg.loftq and (not cfg.lora_rank or kind == "float"):
         return "--loftq needs --lora_rank R and a 4-bit --lora_base (int4g64 or nf4g64)"

@@ -115,6 +115,9 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- the model
 
+GELU_KINDS = ("exact", "tanh")
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -134,7 +137,7 @@ class GPT(nn.Module):
         super().__init__()
         if not 0 <= config.rope_heads <= config.n_head:
             raise ValueError(f"rope_heads={config.rope_heads} must be between 0 and n_head={config.n_head}")
-        if config.gelu not in ("exact", "tanh"):
+        if config.gelu not in GELU_KINDS:
             raise ValueError(f"gelu={config.gelu!r} must be exact or tanh")
         if config.rope_heads and (config.n_embd // config.n_head) % 2:
             raise ValueError("rotary heads need an even head dimension (n_embd / n_head)")
@@ -301,9 +304,10 @@ class GPT(nn.Module):
                 hit = (nxt == eos_id) & ~done
                 out_len[hit] = n + 1
                 done |= hit
-                if bool(done.all()):
+                ended = int(done.sum())  # one host sync a step, for both checks
+                if ended == len(done):
                     break
-                if 2 * int(done.sum()) >= len(done) >= 8:  # half the rows have ended: stop computing them
+                if 2 * ended >= len(done) >= 8:  # half the rows have ended: stop computing them
                     if active is None:
                         active, full_seq, full_len = torch.arange(len(done), device=device), seq, out_len
                     fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)

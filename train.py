@@ -32,7 +32,7 @@ from data.loader import Batches, load_meta, open_tokens
 from data.tasks import STYLES, TaskConfig, check_answer, held_out_problems, prompt_text
 from data.tokenizer import load_tokenizer
 from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
-from model import GPT, GPTConfig, config_from_dict
+from model import GELU_KINDS, GPT, GPTConfig, config_from_dict
 import lora
 import memory
 from kernels import linear_cross_entropy
@@ -311,7 +311,7 @@ def check_config(cfg):
         raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), not {cfg.dropout}")
-    if cfg.gelu not in ("exact", "tanh"):
+    if cfg.gelu not in GELU_KINDS:
         raise UserError(f"--gelu must be exact or tanh, not {cfg.gelu!r}")
     check_quant_config(cfg)
 
