@@ -15,8 +15,8 @@ Ideas it rests on:
   the Triton kernels on CUDA (with the 16-level table for NF4), and on CPU the chunked torch path that
   dequantizes a block of rows at a time, in the forward and again in the backward: no dense weight is kept.
 - LoftQ (Li et al., 2023): start from A = B = 0, then alternate Q = quantize(W - s B A) and s B A = the best
-  rank-r approximation of W - Q (an SVD); each step lowers ||W - Q - s B A||, so fine-tuning starts closer to
-  the float model than quantize(W) with B = 0 does.
+  rank-r approximation of W - Q (an SVD), keeping the iterate with the lowest ||W - Q - s B A||, so fine-tuning
+  starts closer to the float model than quantize(W) with B = 0 does.
 - Checkpoints: describe(model) records the adapters (names, rank, alpha, base format); restore_(model, desc)
   rebuilds them empty on a fresh model so the saved state_dict (frozen codes included) loads into it.
 """
@@ -31,11 +31,12 @@ import kernels
 import quant
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the blocks (lm_head is tied to wte)
-BASE_GRAMMAR = "float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq)"
+BASE_GRAMMAR = ("float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq); "
+                "int3gG / int2gG keep 3- or 2-bit codes in the same 4-bit words (a lower-bit base's quality, not its memory)")
 DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
 LOFTQ_SPLITS = ("lora", "sqrt")  # how loftq_init shares the rank-r product between A and B
 A_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of A under nn.Linear's kaiming_uniform_(a=sqrt(5)) init
-_BASE_RE = re.compile(r"(?P<kind>int4|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
+_BASE_RE = re.compile(r"(?P<kind>int[234]|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
 
 
 def parse_base(fmt):
@@ -51,7 +52,7 @@ def parse_base(fmt):
 # ----------------------------------------------------------------------------- the 4-bit base
 
 def _spec(kind, group):
-    return quant.parse_spec(f"w4g{group}" if kind == "int4" else f"nf4g{group}")
+    return quant.parse_spec(f"w{kind[3]}g{group}" if kind != "nf4" else f"nf4g{group}")
 
 
 def double_quantize(scales):
@@ -83,7 +84,7 @@ def quantize_base(w, fmt):
         out["scale_codes"], out["scale_absmax"], out["scale_mean"] = double_quantize(s)
     else:
         out["scales"] = s.half()
-    if kind == "int4":
+    if kind != "nf4":  # affine integers: a zero point per group
         out["zeros"] = z.to(torch.uint8)
     return out
 
@@ -111,7 +112,7 @@ class Frozen4bitLinear(nn.Module):
             self.register_buffer("scale_mean", torch.zeros(1, device=device))
         else:
             self.register_buffer("scales", torch.ones(N, G, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(N, G, dtype=torch.uint8, device=device) if kind == "int4" else None)
+        self.register_buffer("zeros", torch.zeros(N, G, dtype=torch.uint8, device=device) if kind != "nf4" else None)
         self.register_buffer("lut", quant.NF4_LEVELS.to(device) if kind == "nf4" else None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(N, device=device), requires_grad=False) if bias else None
 
@@ -187,7 +188,9 @@ class LoRALinear(nn.Module):
 @torch.no_grad()
 def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="lora"):
     """LoftQ for one (N, K) weight: (quantize_base buffers, A (r, K), B (N, r), errors), where errors[t] is
-    ||W - Q_t - s B_t A_t||_F / ||W||_F after iteration t (t = 0 is one quantization and one SVD).
+    ||W - Q_t - s B_t A_t||_F / ||W||_F after iteration t (t = 0 is one quantization and one SVD). The iterate
+    with the lowest error is returned: the quantizer picks each group's scale from its min and max, not the
+    scale nearest W - s B A, so at 2 bits the error can rise again after a few iterations.
     split: how s B A = U_r S_r V_r^T is shared: "lora" (A = V_r^T at the row norm of LoRA's random A, B = U_r S_r
     / (s * that norm): A at the scale LoRA's training starts from, so an update of B moves the product as much as
     in plain LoRA) or "sqrt" (the paper's, sqrt(S_r) each side: both small, so the product starts slower; on the
@@ -195,7 +198,7 @@ def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="lora"):
     W = w.detach().float()
     N, K = W.shape
     low = torch.zeros_like(W)  # s B A
-    norm, errors = W.norm(), []
+    norm, errors, best = W.norm(), [], None
     for _ in range(max(1, iters)):
         tensors = quantize_base(W - low, fmt)
         Q = dequantize_base(tensors, fmt, (N, K))
@@ -208,7 +211,9 @@ def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="lora"):
             B = U[:, :rank] * (S[:rank] / (scaling * A_ROW_NORM))
         low = scaling * (B @ A)
         errors.append(float((W - Q - low).norm() / norm))
-    return tensors, A, B, errors
+        if errors[-1] == min(errors):
+            best = tensors, A, B
+    return (*best, errors)
 
 
 def _targets(targets):
@@ -326,15 +331,15 @@ def trainable_parameters(model):
 
 
 def summary(model):
-    """One line: adapters, base, trainable parameters, LoftQ's relative error of W (first -> last iteration)."""
+    """One line: adapters, base, trainable parameters, LoftQ's relative error of W (first -> kept iteration)."""
     layers = lora_layers(model)
     d = describe(model)
     line = (f"LoRA rank {d['rank']} alpha {d['alpha']:g} on {len(layers)} layers, base {d['base']}: "
             f"{trainable_parameters(model):,} trainable parameters")
     errs = [m.loftq_errors for _, m in layers if hasattr(m, "loftq_errors")]
     if errs:
-        first, last = (sum(e[i] for e in errs) / len(errs) for i in (0, -1))
-        line += f" | LoftQ ({len(errs[0])} iterations): mean relative error of W {first:.4f} -> {last:.4f}"
+        first, best = sum(e[0] for e in errs) / len(errs), sum(min(e) for e in errs) / len(errs)
+        line += f" | LoftQ ({len(errs[0])} iterations): mean relative error of W {first:.4f} -> {best:.4f}"
     return line
 
 
@@ -368,7 +373,7 @@ def check_flags(cfg):
     if cfg.loftq_split not in LOFTQ_SPLITS:
         return f"--loftq_split must be sqrt or lora, not {cfg.loftq_split!r}"
     if cfg.loftq and (not cfg.lora_rank or kind == "float"):
-        return "--loftq needs --lora_rank R and a 4-bit --lora_base (int4g64 or nf4g64)"
+        return "--loftq needs --lora_rank R and a quantized --lora_base (e.g. nf4g64, int4g64, int3g64)"
     if not _targets(cfg.lora_targets):
         return "--lora_targets is empty: name linear layers, e.g. c_attn,c_proj,c_fc"
     return None

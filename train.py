@@ -96,7 +96,7 @@ class TrainConfig:
     lora_rank: int = 0              # > 0: freeze the model and train rank-R adapters on --lora_targets
     lora_alpha: float = 16.0        # the adapters' output is scaled by alpha / rank
     lora_dropout: float = 0.0
-    lora_base: str = "float"        # the frozen base: float, int4g64, nf4g64, nf4g64-dq (double-quantized scales)
+    lora_base: str = "float"        # frozen base: float, int4g64, nf4g64, nf4g64-dq (int8 scales), int3g64, int2g64
     lora_targets: str = "c_attn,c_proj,c_fc"
     loftq: bool = False             # LoftQ: initialise the 4-bit base and the adapters together (else B = 0)
     loftq_iters: int = 5

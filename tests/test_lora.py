@@ -22,7 +22,7 @@ from data.tasks import (STYLES, SUB_LEVELS, answer_text, check_answer, held_out_
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASES = ["float", "int4g64", "nf4g64", "nf4g64-dq"]
+BASES = ["float", "int4g64", "nf4g64", "nf4g64-dq", "int3g64", "int2g64"]
 
 
 def tiny_gpt(seed=0):
@@ -140,7 +140,7 @@ def test_add_lora_trains_only_the_adapters_and_stores_4_bit_bases(base):
             # 4 + 16/64 (fp16 scale) [+ 8/64 (int4 zero)]; -dq: 4 + 8/64 (int8 scale), an fp32 absmax per 256
             # scales and one fp32 mean
             expected = 4 + 8 / 64 + 32 * (-(-G // 256) + 1) / NK if base.endswith("-dq") else \
-                4 + 16 / 64 + 8 / 64 * base.startswith("int4")
+                4 + 16 / 64 + 8 / 64 * base.startswith("int")
             assert 8 * nbytes / NK == pytest.approx(expected)
             assert not any(p.numel() >= m.in_features * m.out_features for p in m.base.parameters())
 
@@ -201,7 +201,7 @@ def test_restore_rebuilds_a_saved_lora_model():
 
 # ----------------------------------------------------------------------------- LoftQ and double quantization
 
-@pytest.mark.parametrize("fmt", ["int4g64", "nf4g64"])
+@pytest.mark.parametrize("fmt", ["int4g64", "nf4g64", "int2g64"])
 def test_loftq_lowers_the_reconstruction_error_with_each_iteration(fmt):
     torch.manual_seed(0)
     W = torch.randn(96, 128) * 0.02 + 0.05 * torch.randn(96, 3) @ torch.randn(3, 128) / 3  # weights + a low-rank part
@@ -209,14 +209,30 @@ def test_loftq_lowers_the_reconstruction_error_with_each_iteration(fmt):
     tensors, A, B, errors = lora.loftq_init(W, rank, fmt, iters=5, scaling=s, split="sqrt")
     plain = (W - lora.dequantize_base(lora.quantize_base(W, fmt), fmt, W.shape)).norm() / W.norm()
     assert len(errors) == 5 and errors[0] < plain
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    Q = lora.dequantize_base(tensors, fmt, W.shape)
-    assert float((W - Q - s * B @ A).norm() / W.norm()) == pytest.approx(errors[-1], rel=1e-4)
+    if fmt != "int2g64":  # at 2 bits the min-max scales make the error rise again after a few iterations
+        assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    Q = lora.dequantize_base(tensors, fmt, W.shape)  # the best iterate is the one returned
+    assert float((W - Q - s * B @ A).norm() / W.norm()) == pytest.approx(min(errors), rel=1e-4)
     # the other split of the same product: A's rows at the norm of LoRA's random init, the same errors
     _, A2, B2, errors2 = lora.loftq_init(W, rank, fmt, iters=5, scaling=s, split="lora")
     assert errors2 == pytest.approx(errors, rel=1e-4)
     assert torch.allclose(A2.norm(dim=1), torch.full((rank,), lora.A_ROW_NORM), rtol=1e-5)
     assert torch.allclose(B2 @ A2, B @ A, atol=1e-6 * float((B @ A).abs().max()) + 1e-9)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lower_bit_bases_hold_their_codes_in_4_bit_words(bits):
+    torch.manual_seed(0)
+    W = torch.randn(24, 128)
+    fmt = f"int{bits}g64"
+    tensors = lora.quantize_base(W, fmt)
+    q = kernels.unpack_int4(tensors["packed"])
+    assert int(q.max()) <= 2 ** bits - 1 and int(tensors["zeros"].max()) <= 2 ** bits - 1
+    Q = lora.dequantize_base(tensors, fmt, W.shape)
+    assert all(len(g.unique()) <= 2 ** bits for g in Q.reshape(-1, 64))  # at most 2^bits levels per group
+    assert torch.allclose(Q, quant.fake_quantize(W, quant.parse_spec(f"w{bits}g64"), 64), atol=1e-6)
+    wider = lora.dequantize_base(lora.quantize_base(W, f"int{bits + 1}g64"), f"int{bits + 1}g64", W.shape)
+    assert (W - wider).norm() < 0.6 * (W - Q).norm()  # one bit fewer: about twice the rounding error
 
 
 def test_double_quantized_scales_stay_within_half_a_step():
