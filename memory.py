@@ -8,8 +8,9 @@ Ideas it rests on:
 - The estimate counts what autograd keeps for this model, tensor by tensor (see _block_bytes), and follows the
   step through its phases: the loss (all activations saved, the logits' buffers at their widest), the backward of
   the last block (a recomputed block on top when checkpointing), the end of the backward (every gradient plus
-  the embedding's dense gradient) and the update. The peak is the largest phase; weights and optimizer state
-  live through all of them. It is checked against measured peaks (tests/test_memory.py, `train.py --plan`).
+  the embedding's dense gradient) and the update. The peak is the largest phase; weights, buffers (a frozen
+  4-bit base's codes and scales) and optimizer state live through all of them; on CPU a 4-bit layer's chunked
+  matmul adds its dequantization temporaries in the forward and the backward. It is checked against measured peaks (tests/test_memory.py, `train.py --plan`).
 - The planner keeps the rows per optimizer step fixed and only trades micro-batch size for accumulation steps,
   so a plan changes the memory, not the maths.
 - FSDP2 (fully_shard per block, then the root) shards weights, gradients and optimizer state; checkpoints are
@@ -27,6 +28,10 @@ from torch.utils._pytree import tree_flatten
 
 MiB = 2 ** 20
 PLAN_HEADROOM = 0.1  # of a --memory_budget, kept free for what the estimate does not count
+# bytes per weight element of one block of rows that kernels' chunked int4 path dequantizes at a time, at its
+# peak: int32 shifted and masked codes, uint8 codes, int64 table indices or fp32 codes, fp32 levels and products
+# (measured with TensorPeak)
+DEQUANT_BYTES = dict(int4=12, nf4=13)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2 ** 10, "MIB": 2 ** 20,
          "GIB": 2 ** 30, "TIB": 2 ** 40}
 
@@ -73,7 +78,9 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     s = 2 if dtype == "bfloat16" else 4   # bytes of a saved activation
     shard = world if fsdp else 1
     block_params = sum(p.numel() for p in model.transformer.h[0].parameters()) if L else 0
-    est = dict(weights=4 * P / shard)
+    # buffers: a frozen 4-bit base's packed codes, scales and zero points, the rotary tables (FSDP leaves them whole)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    est = dict(weights=4 * P / shard + buffers)
     est["grads"] = 4 * Pt / shard
     est["optimizer"] = (2.03 if optim == "adamw8bit" else 8.0) * Pt / shard
     est["comm_buffers"] = 4 * Pt if world > 1 and not fsdp else (2 * 4 * block_params if fsdp else 0)
@@ -93,6 +100,8 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once
         est["loss"] = 3 * 4 * V * N + (2 * V * N if s == 2 else 0)
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
+    dequant = _dequant_temporaries(model)  # beside the forward's and the backward's activations
+    head_grad = 4 * V * C if model.lm_head.weight.requires_grad else 0  # (LoRA freezes the tied embedding)
     # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
     # its backward holds a 4C-wide gradient beside that, and the gradient flowing in and the head's weight
     # gradient exist
@@ -101,15 +110,26 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
                     default=0)
     accumulated = est["grads"] if grad_accum > 1 else 0
     phases = dict(
-        loss=fixed + accumulated + est["activations"] + est["loss"],
-        backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + 4 * V * C,
+        loss=fixed + accumulated + est["activations"] + est["loss"] + dequant,
+        backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + head_grad + dequant,
         # the tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
-        backward_end=fixed + est["grads"] + 2 * 4 * V * C / shard,
+        backward_end=fixed + est["grads"] + 2 * head_grad / shard,
         update=fixed + est["grads"],
     )
     est["peak_phase"] = max(phases, key=phases.get)
     est["peak"] = phases[est["peak_phase"]]
     return est
+
+
+def _dequant_temporaries(model):
+    """The largest block of dequantization temporaries kernels' chunked path makes for one of the model's 4-bit
+    layers on CPU (the Triton kernels on CUDA dequantize in registers), in bytes."""
+    from kernels import CHUNK_ELEMENTS
+    sizes = [DEQUANT_BYTES["int4" if getattr(m, "lut", None) is None else "nf4"] *
+             min(max(1, CHUNK_ELEMENTS // (8 * p.shape[1])), p.shape[0]) * 8 * p.shape[1]
+             for m in model.modules() for p in [getattr(m, "packed", None)]
+             if isinstance(p, torch.Tensor) and p.device.type == "cpu"]
+    return max(sizes, default=0)
 
 
 def mib(n):

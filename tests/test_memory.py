@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import lora
 import memory
 from model import GPT, GPTConfig
 
@@ -162,6 +163,25 @@ def test_estimate_meets_the_measured_peak(name):
     est = memory.estimate_memory(model, B, model.config.block_size, grad_ckpt_every=every, chunked_loss=chunked)
     # the estimate counts the tensors autograd keeps, phase by phase; on these shapes it lands within 1% of the
     # dispatcher-level peak (the issue asks for 15%; 5% leaves room for small tensors it does not list)
+    assert abs(est["peak"] / measured - 1) < 0.05, (memory.format_estimate(est), measured / 2 ** 20)
+
+
+@pytest.mark.parametrize("base", ["float", "nf4g64", "int4g64"])
+def test_estimate_meets_the_measured_peak_of_a_lora_run(base):
+    # weights dominate this shape: a frozen 4-bit base's codes and scales (buffers) and the chunked path's
+    # dequantization temporaries must be counted (before they were, the 4-bit estimates were 36% of the peak)
+    torch.manual_seed(0)
+    model = lora.add_lora_(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=512, vocab_size=500, block_size=32,
+                                         rope_heads=2)), 8, 16.0, base=base)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    x, y = batch(model.config, 2)
+    meter = memory.PeakMeter("cpu", model, opt).start()
+    for _ in range(2):
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured, _ = meter.stop()
+    est = memory.estimate_memory(model, 2, 32)
     assert abs(est["peak"] / measured - 1) < 0.05, (memory.format_estimate(est), measured / 2 ** 20)
 
 
