@@ -32,7 +32,8 @@ import quant
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the blocks (lm_head is tied to wte)
 BASE_GRAMMAR = ("float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq); "
-                "int3gG / int2gG keep 3- or 2-bit codes in the same 4-bit words (a lower-bit base's quality, not its memory)")
+                "int3gG / int2gG keep 3- or 2-bit codes in the same 4-bit words (a lower-bit base's quality, "
+                "not its memory)")
 DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
 LOFTQ_SPLITS = ("lora", "sqrt")  # how loftq_init shares the rank-r product between A and B
 A_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of A under nn.Linear's kaiming_uniform_(a=sqrt(5)) init
@@ -90,8 +91,9 @@ def quantize_base(w, fmt):
 
 
 class Frozen4bitLinear(nn.Module):
-    """A frozen linear layer of 4-bit codes (int4 affine groups, or NF4 with optional double-quantized scales);
-    y = x W^T + b through kernels.int4_matmul (Triton on CUDA, the chunked torch path elsewhere)."""
+    """A frozen linear layer of 4-bit codes (int4 affine groups, 3- or 2-bit ones in the same words, or NF4 with
+    optional double-quantized scales); y = x W^T + b through kernels.int4_matmul (Triton on CUDA, the chunked
+    torch path elsewhere)."""
 
     stores_codes = True  # GPT.get_num_params counts its weight at in x out
 

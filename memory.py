@@ -10,7 +10,8 @@ Ideas it rests on:
   the last block (a recomputed block on top when checkpointing), the end of the backward (every gradient plus
   the embedding's dense gradient) and the update. The peak is the largest phase; weights, buffers (a frozen
   4-bit base's codes and scales) and optimizer state live through all of them; on CPU a 4-bit layer's chunked
-  matmul adds its dequantization temporaries in the forward and the backward. It is checked against measured peaks (tests/test_memory.py, `train.py --plan`).
+  matmul adds its dequantization temporaries in the forward and the backward. It is checked against measured
+  peaks (tests/test_memory.py, `train.py --plan`).
 - The planner keeps the rows per optimizer step fixed and only trades micro-batch size for accumulation steps,
   so a plan changes the memory, not the maths.
 - FSDP2 (fully_shard per block, then the root) shards weights, gradients and optimizer state; checkpoints are
@@ -66,8 +67,8 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     """Bytes per component of one training step for `model` (a GPT) at micro-batch `batch` x `seq_len` tokens per
     process, and the step's peak ("peak"); with grad_accum > 1 the later micro-batches run beside the gradients
     of the earlier ones; row_positions: the batch comes with per-row positions (the loader's document-aligned
-    rows), so rotary heads gather their cos/sin tables per token. fp32 weights, gradients and AdamW states (8-bit AdamW: ~2 bytes a
-    parameter); activations in fp32, or for bfloat16 autocast with the weight copies and the bf16 activations
+    rows), so rotary heads gather their cos/sin tables per token. fp32 weights, gradients and AdamW states
+    (8-bit AdamW: ~2 bytes a parameter); activations in fp32, or for bfloat16 autocast with the weight copies and the bf16 activations
     (bf16 figures are reasoned, not yet measured). DDP adds its gradient buckets; FSDP divides weights,
     gradients and optimizer state by the world size and adds one gathered block."""
     c = model.config
