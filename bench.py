@@ -339,7 +339,8 @@ def bench_lora(args):
     if args.quick:
         cfg, rank, rounds = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=64), 4, 1
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    gen = torch.Generator(dev).manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev, generator=gen)
 
     def build(base, opt_cls):
         torch.manual_seed(0)

@@ -68,9 +68,9 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     process, and the step's peak ("peak"); with grad_accum > 1 the later micro-batches run beside the gradients
     of the earlier ones; row_positions: the batch comes with per-row positions (the loader's document-aligned
     rows), so rotary heads gather their cos/sin tables per token. fp32 weights, gradients and AdamW states
-    (8-bit AdamW: ~2 bytes a parameter); activations in fp32, or for bfloat16 autocast with the weight copies and the bf16 activations
-    (bf16 figures are reasoned, not yet measured). DDP adds its gradient buckets; FSDP divides weights,
-    gradients and optimizer state by the world size and adds one gathered block."""
+    (8-bit AdamW: ~2 bytes a parameter); activations in fp32, or for bfloat16 autocast with the weight copies
+    and the bf16 activations (bf16 figures are reasoned, not yet measured). DDP adds its gradient buckets; FSDP
+    divides weights, gradients and optimizer state by the world size and adds one gathered block."""
     c = model.config
     params = list({id(p): p for p in model.parameters()}.values())
     P = sum(p.numel() for p in params)
