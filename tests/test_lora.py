@@ -313,8 +313,8 @@ def start(tmp_path_factory):
 def test_qlora_run_resumes_exactly(start, tmp_path):
     data, ckpt = start
     common = ["--dataset", data, "--init_from", ckpt, "--lora_rank", "4", "--lora_base", "nf4g64", "--loftq",
-              "--loftq_iters", "2", "--lora_dropout", "0.1", "--max_iters", "6", "--eval_interval", "3", "--eval_problems", "1",
-              "--eval_iters", "1", "--final_problems", "1", "--samples", "0", "--threads", "1", "--log_interval", "3",
+              "--loftq_iters", "2", "--lora_dropout", "0.1", "--max_iters", "6", "--eval_interval", "3",
+              "--eval_problems", "1", "--eval_iters", "1", "--final_problems", "1", "--samples", "0", "--threads", "1", "--log_interval", "3",
               "--batch_size", "4", "--warmup_iters", "2"]
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     p = run_cli(common + ["--out_dir", straight])
