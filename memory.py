@@ -94,15 +94,15 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     # the embedding's dropout mask
     whole_step = 16 * N + (4 * N * 2 * C if row_positions and c.rope_heads else 0) + (N * C if c.dropout else 0)
     est["activations"] = blocks + s * N * (2 * C + 2) + whole_step  # + ln_f's input, output and stats
+    head_grad = 4 * V * C if model.lm_head.weight.requires_grad else 0  # (LoRA freezes the tied embedding)
     if chunked_loss:  # d W and d h are made in the forward and kept; one chunk of logits at a time
         from kernels import lce_chunk_rows
         rows = min(N, lce_chunk_rows(N, C))
-        est["loss"] = 4 * V * C + 4 * N * C + 4 * rows * (V + C)
+        est["loss"] = head_grad + 4 * N * C + 4 * rows * (V + C)
     else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once
         est["loss"] = 3 * 4 * V * N + (2 * V * N if s == 2 else 0)
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
     dequant = _dequant_temporaries(model)  # beside the forward's and the backward's activations
-    head_grad = 4 * V * C if model.lm_head.weight.requires_grad else 0  # (LoRA freezes the tied embedding)
     # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
     # its backward holds a 4C-wide gradient beside that, and the gradient flowing in and the head's weight
     # gradient exist
