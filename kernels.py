@@ -95,17 +95,17 @@ def int4_matmul_reference(x, packed, scales, zeros, group_size, lut=None):
 CHUNK_ELEMENTS = 1 << 20  # weights dequantized at a time by the chunked torch path (4 MiB in fp32)
 
 
-def _chunks(packed):
-    rows = max(1, CHUNK_ELEMENTS // (packed.shape[1] * 8))
-    return range(0, packed.shape[0], rows), rows
+def chunk_rows(packed):
+    """Rows of W the chunked path dequantizes at a time (memory.estimate_memory sizes its temporaries by it)."""
+    return min(max(1, CHUNK_ELEMENTS // (packed.shape[1] * 8)), packed.shape[0])
 
 
 def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):
     """y = x @ W.T (2-D x) dequantizing W a block of rows at a time: no dense W is ever held whole."""
     N = packed.shape[0]
     y = x.new_empty(x.shape[0], N)
-    starts, rows = _chunks(packed)
-    for n0 in starts:
+    rows = chunk_rows(packed)
+    for n0 in range(0, N, rows):
         sl = slice(n0, n0 + rows)
         w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, x.dtype, lut)
         torch.matmul(x, w.T, out=y[:, sl])
@@ -115,8 +115,8 @@ def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):
 def int4_matmul_dx_chunked(dy, packed, scales, zeros, group_size, lut=None):
     """dX = dY @ W (2-D dY), W dequantized a block of rows at a time."""
     dx = dy.new_zeros(dy.shape[0], packed.shape[1] * 8)
-    starts, rows = _chunks(packed)
-    for n0 in starts:
+    rows = chunk_rows(packed)
+    for n0 in range(0, packed.shape[0], rows):
         sl = slice(n0, n0 + rows)
         w = dequantize_int4(packed[sl], scales[sl], None if zeros is None else zeros[sl], group_size, dy.dtype, lut)
         dx.addmm_(dy[:, sl], w)

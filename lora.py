@@ -230,7 +230,7 @@ def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", 
     kind, _, _ = parse_base(base)
     targets = _targets(targets)
     if loftq_split not in LOFTQ_SPLITS:
-        raise ValueError(f"loftq_split={loftq_split!r} must be sqrt or lora")
+        raise ValueError(f"loftq_split={loftq_split!r} must be {' or '.join(LOFTQ_SPLITS)}")
     if loftq_iters and kind == "float":
         raise ValueError("LoftQ initialises a quantized base: give a 4-bit base (e.g. nf4g64), or drop LoftQ")
     if quant.is_quantized(model) or describe(model) is not None:
@@ -373,7 +373,7 @@ def check_flags(cfg):
     if cfg.lora_rank and (cfg.qat or cfg.fsdp or cfg.lora_merge):
         return "--lora_rank does not combine with --qat, --fsdp or --lora_merge: drop one (use DDP for LoRA)"
     if cfg.loftq_split not in LOFTQ_SPLITS:
-        return f"--loftq_split must be sqrt or lora, not {cfg.loftq_split!r}"
+        return f"--loftq_split must be {' or '.join(LOFTQ_SPLITS)}, not {cfg.loftq_split!r}"
     if cfg.loftq and (not cfg.lora_rank or kind == "float"):
         return "--loftq needs --lora_rank R and a quantized --lora_base (e.g. nf4g64, int4g64, int3g64)"
     if not _targets(cfg.lora_targets):

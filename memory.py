@@ -125,9 +125,8 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
 def _dequant_temporaries(model):
     """The largest block of dequantization temporaries kernels' chunked path makes for one of the model's 4-bit
     layers on CPU (the Triton kernels on CUDA dequantize in registers), in bytes."""
-    from kernels import CHUNK_ELEMENTS
-    sizes = [DEQUANT_BYTES["int4" if getattr(m, "lut", None) is None else "nf4"] *
-             min(max(1, CHUNK_ELEMENTS // (8 * p.shape[1])), p.shape[0]) * 8 * p.shape[1]
+    from kernels import chunk_rows
+    sizes = [DEQUANT_BYTES["int4" if getattr(m, "lut", None) is None else "nf4"] * chunk_rows(p) * 8 * p.shape[1]
              for m in model.modules() for p in [getattr(m, "packed", None)]
              if isinstance(p, torch.Tensor) and p.device.type == "cpu"]
     return max(sizes, default=0)

@@ -138,7 +138,7 @@ class GPT(nn.Module):
         if not 0 <= config.rope_heads <= config.n_head:
             raise ValueError(f"rope_heads={config.rope_heads} must be between 0 and n_head={config.n_head}")
         if config.gelu not in GELU_KINDS:
-            raise ValueError(f"gelu={config.gelu!r} must be exact or tanh")
+            raise ValueError(f"gelu={config.gelu!r} must be {' or '.join(GELU_KINDS)}")
         if config.rope_heads and (config.n_embd // config.n_head) % 2:
             raise ValueError("rotary heads need an even head dimension (n_embd / n_head)")
         self.config = config

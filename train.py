@@ -312,7 +312,7 @@ def check_config(cfg):
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), not {cfg.dropout}")
     if cfg.gelu not in GELU_KINDS:
-        raise UserError(f"--gelu must be exact or tanh, not {cfg.gelu!r}")
+        raise UserError(f"--gelu must be {' or '.join(GELU_KINDS)}, not {cfg.gelu!r}")
     check_quant_config(cfg)
 
 
