@@ -102,7 +102,7 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once
         est["loss"] = 3 * 4 * V * N + (2 * V * N if s == 2 else 0)
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
-    dequant = _dequant_temporaries(model)  # beside the forward's and the backward's activations
+    dequant = _dequant_temporaries(model)  # made and freed inside a 4-bit layer's forward or backward
     # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
     # its backward holds a 4C-wide gradient beside that, and the gradient flowing in and the head's weight
     # gradient exist
@@ -111,7 +111,10 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
                     default=0)
     accumulated = est["grads"] if grad_accum > 1 else 0
     phases = dict(
-        loss=fixed + accumulated + est["activations"] + est["loss"] + dequant,
+        # the last block's forward: (nearly) every activation, and one 4-bit layer's temporaries; they are freed
+        # before the loss, whose head is the float embedding
+        forward=fixed + accumulated + est["activations"] + dequant,
+        loss=fixed + accumulated + est["activations"] + est["loss"],
         backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + head_grad + dequant,
         # the tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
         backward_end=fixed + est["grads"] + 2 * head_grad / shard,
