@@ -70,7 +70,7 @@ def unpack_int4(packed):
         raise ValueError(f"unpack_int4 wants a 2-D (N, K // 8) tensor, got shape {tuple(packed.shape)}")
     shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
     q = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
-    return q.reshape(packed.shape[0], -1).to(torch.uint8)
+    return q.reshape(packed.shape[0], packed.shape[1] * 8).to(torch.uint8)
 
 
 def dequantize_int4(packed, scales, zeros, group_size, dtype=torch.float32, lut=None):
@@ -97,7 +97,7 @@ CHUNK_ELEMENTS = 1 << 20  # weights dequantized at a time by the chunked torch p
 
 def chunk_rows(packed):
     """Rows of W the chunked path dequantizes at a time (memory.estimate_memory sizes its temporaries by it)."""
-    return min(max(1, CHUNK_ELEMENTS // (packed.shape[1] * 8)), packed.shape[0])
+    return max(1, min(CHUNK_ELEMENTS // max(1, packed.shape[1] * 8), packed.shape[0]))  # >= 1 (N = 0 too)
 
 
 def int4_matmul_chunked(x, packed, scales, zeros, group_size, lut=None):

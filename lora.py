@@ -199,8 +199,13 @@ def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="lora"):
     subtraction task its val loss was behind "lora" in 3 of 3 seeds, see the README)."""
     W = w.detach().float()
     N, K = W.shape
+    if not torch.isfinite(W).all():
+        raise ValueError("LoftQ got a weight holding NaN or inf: check the checkpoint this model came from")
+    if rank > min(N, K):
+        raise ValueError(f"LoftQ's rank-{rank} SVD needs rank <= {min(N, K)}, this layer's smaller dimension "
+                         f"({N} x {K}): lower the LoRA rank")
     low = torch.zeros_like(W)  # s B A
-    norm, errors, best = W.norm(), [], None
+    norm, errors, best = W.norm().clamp_min(1e-30), [], None  # (an all-zero W has error 0, not 0 / 0)
     for _ in range(max(1, iters)):
         tensors = quantize_base(W - low, fmt)
         Q = dequantize_base(tensors, fmt, (N, K))
@@ -213,7 +218,7 @@ def loftq_init(w, rank, fmt, iters=5, scaling=1.0, split="lora"):
             B = U[:, :rank] * (S[:rank] / (scaling * A_ROW_NORM))
         low = scaling * (B @ A)
         errors.append(float((W - Q - low).norm() / norm))
-        if errors[-1] == min(errors):
+        if best is None or errors[-1] <= min(errors):
             best = tensors, A, B
     return (*best, errors)
 

@@ -210,6 +210,9 @@ def test_empty_batch_gives_empty_output():
     for backend in ("triton", "torch"):
         y = kernels.int4_matmul(torch.randn(0, 64), packed, scales, zeros, 32, backend=backend)
         assert y.shape == (0, 24)
+    for backend in ("torch", "chunked"):  # and a weight with no rows
+        y = kernels.int4_matmul(torch.randn(3, 64), packed[:0], scales[:0], zeros[:0], 32, backend=backend)
+        assert y.shape == (3, 0)
 
 
 # ----------------------------------------------------------------------------- dispatch and errors

@@ -168,6 +168,19 @@ def test_add_lora_rejects_bad_input():
         lora.add_lora_(lora.add_lora_(tiny_gpt(), 4), 4)
     with pytest.raises(ValueError, match="loftq_split"):
         lora.add_lora_(tiny_gpt(), 4, base="nf4g64", loftq_iters=2, loftq_split="half")
+    width = tiny_gpt().config.n_embd  # LoftQ's SVD has at most min(N, K) components
+    with pytest.raises(ValueError, match=f"rank <= {width}.*lower the LoRA rank"):
+        lora.add_lora_(tiny_gpt(), width + 1, base="nf4g64", loftq_iters=2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model = tiny_gpt()
+        model.transformer.h[0].attn.c_attn.weight.data[0, 0] = float("nan")
+        lora.add_lora_(model, 4, base="nf4g64", loftq_iters=2)
+
+
+def test_loftq_of_an_all_zero_weight_is_exact():  # (its relative error was 0 / 0 and no iterate was kept)
+    tensors, A, B, errors = lora.loftq_init(torch.zeros(16, 64), 2, "int4g64", iters=2)
+    assert errors == [0.0, 0.0] and not (B @ A).any()
+    assert not lora.dequantize_base(tensors, "int4g64", (16, 64)).any()
 
 
 @pytest.mark.parametrize("base", ["float", "nf4g64"])
