@@ -171,9 +171,9 @@ def test_add_lora_rejects_bad_input():
     width = tiny_gpt().config.n_embd  # LoftQ's SVD has at most min(N, K) components
     with pytest.raises(ValueError, match=f"rank <= {width}.*lower the LoRA rank"):
         lora.add_lora_(tiny_gpt(), width + 1, base="nf4g64", loftq_iters=2)
+    model = tiny_gpt()
+    model.transformer.h[0].attn.c_attn.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        model = tiny_gpt()
-        model.transformer.h[0].attn.c_attn.weight.data[0, 0] = float("nan")
         lora.add_lora_(model, 4, base="nf4g64", loftq_iters=2)
 
 
@@ -327,8 +327,8 @@ def test_qlora_run_resumes_exactly(start, tmp_path):
     data, ckpt = start
     common = ["--dataset", data, "--init_from", ckpt, "--lora_rank", "4", "--lora_base", "nf4g64", "--loftq",
               "--loftq_iters", "2", "--lora_dropout", "0.1", "--max_iters", "6", "--eval_interval", "3",
-              "--eval_problems", "1", "--eval_iters", "1", "--final_problems", "1", "--samples", "0", "--threads", "1", "--log_interval", "3",
-              "--batch_size", "4", "--warmup_iters", "2"]
+              "--eval_problems", "1", "--eval_iters", "1", "--final_problems", "1", "--samples", "0", "--threads", "1",
+              "--log_interval", "3", "--batch_size", "4", "--warmup_iters", "2"]
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     p = run_cli(common + ["--out_dir", straight])
     assert p.returncode == 0, p.stderr
