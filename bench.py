@@ -10,6 +10,7 @@ Ideas it rests on:
 - the device, torch and triton versions are printed (and saved) with the figures.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -166,8 +167,10 @@ def train_step(model, opt, x, ctx):
 
 @section("train")
 def bench_train(args):
-    """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens."""
+    """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens, in the
+    precision train.py's `--dtype auto` picks here (bf16 autocast on CUDA and on AMX CPUs) against fp32."""
     from model import GPT, GPTConfig
+    from train import autocast_for
     cuda = args.device.startswith("cuda")
     default, default_batch = default_model_config()
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
@@ -175,22 +178,29 @@ def bench_train(args):
         gpt2 = GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=12, n_embd=768)
     configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-small-2layer",
                                                      gpt2, 8 if cuda else 1)]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    ctx, dtype_name = autocast_for(args.device, "auto", cpu_bf16=True)
     rows = []
     for name, cfg, batch in configs:
         torch.manual_seed(0)
         model = GPT(cfg).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
+        iters = 2 if args.quick or not cuda else 10
         step = train_step(model, opt, x, ctx)
         reset_peak_memory(args.device)
-        t = median_time(step, args.device, warmup=1, iters=2 if args.quick or not cuda else 10)
+        t = median_time(step, args.device, warmup=1, iters=iters)
+        peak = peak_memory_mb(args.device)  # (on CPU the process's peak so far: ours runs first)
+        t32 = None
+        if dtype_name != "float32":  # the same step in fp32, the baseline
+            t32 = median_time(train_step(model, opt, x, contextlib.nullcontext()), args.device,
+                              warmup=1, iters=iters)
         tps = batch * cfg.block_size / t
         mfu = model.estimate_mfu(tps, cfg.block_size, args.device)
         shape = f"{model.get_num_params() / 1e6:.1f}M params, {batch}x{cfg.block_size} tokens"
-        rows.append(row("train", f"{name} throughput ({shape})", tps, unit="tok/s",
-                        mfu=mfu, ms_per_step=1e3 * t))
-        rows.append(row("train", f"{name} peak memory", peak_memory_mb(args.device), unit="MiB",
+        what = f"{dtype_name} vs float32" if t32 else dtype_name
+        rows.append(row("train", f"{name} throughput, {what} ({shape})", tps,
+                        batch * cfg.block_size / t32 if t32 else None, unit="tok/s", mfu=mfu, ms_per_step=1e3 * t))
+        rows.append(row("train", f"{name} peak memory, {dtype_name}", peak, unit="MiB",
                         higher_is_better=False, measured="CUDA allocator peak" if cuda else "peak RSS of the process"))
         del model, opt
     return rows

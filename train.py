@@ -104,7 +104,7 @@ class TrainConfig:
     lora_merge: bool = False        # merge --init_from's adapters into float weights (then --ptq to requantize)
     # system
     device: str = "auto"            # auto: cuda > mps > cpu
-    dtype: str = "auto"             # auto: bfloat16 autocast where supported, else float32
+    dtype: str = "auto"             # auto: bf16 autocast on CUDA (bf16) and AMX CPUs, else float32
     compile: bool = False
     seed: int = 1337
     threads: int = 0                # torch CPU threads (0: torch's default)
@@ -205,11 +205,23 @@ def pick_device(cfg, local_rank=0):
     return "cpu"
 
 
-def autocast_for(device, dtype_name):
-    """(autocast context, dtype name actually used)."""
+def cpu_has_bf16_matmul():
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where oneDNN's bf16 matmuls run several
+    times faster than fp32 (8064x128 @ 128x512: 1.45 ms against 8.81 ms on the 2-core CI VM)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_for(device, dtype_name, cpu_bf16=False):
+    """(autocast context, dtype name actually used). `auto` is bf16 autocast on CUDA with bf16 support, and on a
+    CPU with AMX when the caller passes cpu_bf16 (train.py does; reason_rl keeps fp32 on CPU); else fp32."""
     dev = device.split(":")[0]
     if dtype_name == "auto":
-        dtype_name = "bfloat16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        bf16 = (dev == "cuda" and torch.cuda.is_bf16_supported()) or (dev == "cpu" and cpu_bf16
+                                                                      and cpu_has_bf16_matmul())
+        dtype_name = "bfloat16" if bf16 else "float32"
     if dtype_name == "float32":
         return nullcontext(), dtype_name
     if dtype_name == "float16":
@@ -412,7 +424,7 @@ def run(cfg, explicit):
     if cfg.fsdp and world == 1:
         raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
                         "--fsdp), or drop the flag")
-    ctx, dtype_name = autocast_for(device, cfg.dtype)
+    ctx, dtype_name = autocast_for(device, cfg.dtype, cpu_bf16=True)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
@@ -477,7 +489,9 @@ def run(cfg, explicit):
     raw_model = model
     if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        # buffers (rope tables, frozen 4-bit weights) never change, so they are synced once here and not before
+        # every forward, where CPU autocast would also reject broadcasting the uint8 ones
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
     if cfg.compile:
         model = torch.compile(model)
     if not cfg.plan:

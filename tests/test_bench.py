@@ -1,6 +1,8 @@
 """bench.py: each CPU section runs end to end on small shapes and writes its figures as JSON."""
 import json
 
+import pytest
+
 import bench
 
 
@@ -13,15 +15,22 @@ def test_generate_section_measures_cache_against_recompute(tmp_path):
         assert r["ours"] > 0 and r["baseline"] > 0 and r["ratio"] == r["ours"] / r["baseline"]
 
 
-def test_train_section_reports_throughput_and_peak_memory():
+@pytest.mark.parametrize("amx", [True, False])
+def test_train_section_reports_throughput_and_peak_memory(monkeypatch, amx):
+    import train
+    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: amx)  # what train.py's --dtype auto would pick
     rows = bench.main(["train", "--quick", "--device", "cpu"])
     names = [r["name"] for r in rows]
     assert any("throughput" in n for n in names) and any("peak memory" in n for n in names)
     assert all(r["ours"] > 0 for r in rows)
+    for r in (r for r in rows if "throughput" in r["name"]):
+        if amx:  # bf16 autocast against the same step in fp32
+            assert "bfloat16 vs float32" in r["name"] and r["baseline"] > 0 and r["ratio"] > 0
+        else:
+            assert "float32" in r["name"] and r["baseline"] is None
 
 
 def test_unknown_section_is_refused(capsys):
-    import pytest
     with pytest.raises(SystemExit):
         bench.main(["nope"])
     assert "unknown section" in capsys.readouterr().err

@@ -355,7 +355,8 @@ def test_lora_ddp_two_processes_match_one_process_with_adamw8bit(start, tmp_path
     data, ckpt = start
     common = ["--dataset", data, "--init_from", ckpt, "--lora_rank", "4", "--lora_base", "int4g64",
               "--optim", "adamw8bit", "--max_iters", "4", "--eval_interval", "100", "--eval_iters", "1",
-              "--final_problems", "1", "--samples", "0", "--threads", "1", "--batch_size", "4", "--warmup_iters", "1"]
+              "--final_problems", "1", "--samples", "0", "--threads", "1", "--batch_size", "4", "--warmup_iters", "1",
+              "--dtype", "float32"]
     one = run_cli(common + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "1"],

@@ -75,10 +75,28 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert train.lr_at(110, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_dtype_is_bf16_on_cpus_with_amx_for_training_only(monkeypatch, amx):
+    assert isinstance(train.cpu_has_bf16_matmul(), bool)  # False, not an error, where torch cannot tell
+    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: amx)
+    ctx, name = train.autocast_for("cpu", "auto", cpu_bf16=True)
+    assert name == ("bfloat16" if amx else "float32")
+    if amx:
+        with ctx:
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert train.autocast_for("cpu", "auto")[1] == "float32"  # reason_rl's callers: fp32 unless asked
+    assert train.autocast_for("cpu", "float32", cpu_bf16=True)[1] == "float32"
+    assert train.autocast_for("cpu", "bfloat16")[1] == "bfloat16"
+    with pytest.raises(train.UserError, match="use bfloat16"):
+        train.autocast_for("cpu", "float16")
+
+
 # ----------------------------------------------------------------------------- runs
 
-def test_resume_is_bitwise_exact(corpus, tmp_path):
-    common = TINY + ["--dataset", corpus, "--max_iters", "8", "--eval_interval", "4", "--dropout", "0.1"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_is_bitwise_exact(corpus, tmp_path, dtype):
+    common = TINY + ["--dataset", corpus, "--max_iters", "8", "--eval_interval", "4", "--dropout", "0.1",
+                     "--dtype", dtype]
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     p = run_cli(common + ["--out_dir", straight])
     assert p.returncode == 0, p.stderr
@@ -88,7 +106,7 @@ def test_resume_is_bitwise_exact(corpus, tmp_path):
     p = run_cli(["--resume", "--out_dir", split])
     assert p.returncode == 0, p.stderr
     a, b = losses(straight), losses(split)
-    assert list(a) == list(range(1, 9)) and a == b  # fp32 on CPU: identical to the last bit
+    assert list(a) == list(range(1, 9)) and a == b  # CPU, fp32 or bf16 autocast: identical to the last bit
     assert "final val loss" in p.stdout and "untagged" in p.stdout
     ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (straight, split))
     assert ca["step"] == cb["step"] == 8
@@ -133,8 +151,10 @@ def test_init_from_a_local_hf_gpt2_directory(corpus, tmp_path):
                                           "--out_dir", str(tmp_path / "x")]), "--n_layer")
 
 
-def test_ddp_two_processes_match_one_process_with_double_accumulation(corpus, tmp_path):
-    common = TINY + ["--dataset", corpus, "--max_iters", "6", "--eval_interval", "100", "--final_problems", "1"]
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 1e-3)])
+def test_ddp_two_processes_match_one_process_with_double_accumulation(corpus, tmp_path, dtype, tol):
+    common = TINY + ["--dataset", corpus, "--max_iters", "6", "--eval_interval", "100", "--final_problems", "1",
+                     "--dtype", dtype]
     one = run_cli(common + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "1"],
@@ -143,8 +163,8 @@ def test_ddp_two_processes_match_one_process_with_double_accumulation(corpus, tm
     assert two.returncode == 0, two.stderr
     a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
     assert list(a) == list(b) == list(range(1, 7))
-    for step in a:  # the same sums in another order: float32 round-off, far below 1e-5
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    for step in a:  # the same sums in another order: fp32 round-off, which bf16 rounding of the weights can amplify
+        assert abs(a[step] - b[step]) < tol, (step, a[step], b[step])
 
 
 def test_eval_only_prints_the_level_by_style_table(corpus, tmp_path):
