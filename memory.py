@@ -47,19 +47,26 @@ def parse_bytes(text):
 
 # ----------------------------------------------------------------------------- the estimate
 
-def _block_bytes(c, checkpointed, s, seq_len):
-    """Bytes one block keeps for backward, per token, activations being s bytes. Plain: the block input (kept by
-    ln_1), ln_1's output (by c_attn), q|k|v (by attention: views of one tensor), rotated q and k (when
-    rope_heads), attention's output (by its backward and by c_proj: flash attention returns it in (B, T, H, hd)
-    order, so .contiguous() copies nothing), the residual after attention (ln_2), ln_2's output (c_fc), c_fc's
-    output (GELU) and GELU's output (c_proj): 16C (+2C), plus two LayerNorms' mean and rstd and attention's
-    log-sum-exp per head (fp32). With dropout: two bool masks, and attention takes the math path, which keeps
-    the probabilities, the dropout mask and the dropped probabilities (H x T each). Checkpointed: its input."""
+def _block_bytes(c, checkpointed, s, seq_len, cpu_autocast=False):
+    """Bytes one block keeps for backward, per token, activations being s bytes (2 under bf16 autocast, where
+    the residual stream and the LayerNorms' inputs stay fp32). Plain: the block input (kept by ln_1) and the
+    residual after attention (ln_2), in fp32; ln_1's and ln_2's outputs as c_attn and c_fc take them; q|k|v (by
+    attention: views of one tensor), rotated q and k (when rope_heads), attention's output (by its backward and
+    by c_proj: flash attention returns it in (B, T, H, hd) order, so .contiguous() copies nothing); c_fc's
+    output (GELU) and GELU's output (c_proj): 16C (+2C) values, plus two LayerNorms' mean and rstd and attention's
+    log-sum-exp per head (fp32). cpu_autocast: bf16 autocast on CPU, where model.py runs attention in fp32: it
+    keeps fp32 q, k, v and output (4C at 4 bytes, with rope or not) and c_proj its own bf16 copy of the output.
+    With dropout: two bool masks, and attention takes the math path, which keeps the probabilities, the dropout
+    mask and the dropped probabilities (H x T each). Checkpointed: its (fp32) input."""
     C, H = c.n_embd, c.n_head
     if checkpointed:
-        return s * C
-    n = s * (16 * C + (2 * C if c.rope_heads else 0)) + 4 * (4 + H)
-    return n + (2 * C + 3 * s * H * seq_len if c.dropout > 0 else 0)
+        return 4 * C
+    if cpu_autocast:
+        attention, a = 4 * 4 * C + s * C, 4
+    else:
+        attention, a = s * (4 * C + (2 * C if c.rope_heads else 0)), s
+    n = 4 * 2 * C + s * 2 * C + attention + s * 8 * C + 4 * (4 + H)
+    return n + (2 * C + 3 * a * H * seq_len if c.dropout > 0 else 0)
 
 
 def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_every=0, chunked_loss=False,
@@ -69,7 +76,7 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     of the earlier ones; row_positions: the batch comes with per-row positions (the loader's document-aligned
     rows), so rotary heads gather their cos/sin tables per token. fp32 weights, gradients and AdamW states
     (8-bit AdamW: ~2 bytes a parameter); activations in fp32, or for bfloat16 autocast with the weight copies
-    and the bf16 activations (bf16 figures are reasoned, not yet measured). DDP adds its gradient buckets; FSDP
+    and the activations autocast keeps in bf16 (measured on CPU; on CUDA reasoned, not yet measured). DDP adds its gradient buckets; FSDP
     divides weights, gradients and optimizer state by the world size and adds one gathered block."""
     c = model.config
     params = list({id(p): p for p in model.parameters()}.values())
@@ -88,25 +95,28 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     if dtype == "bfloat16":  # autocast keeps a bf16 copy of every weight it casts, for the whole step
         est["weight_copies"] = 2 * P
     every = grad_ckpt_every
-    saved = [N * _block_bytes(c, bool(every) and i % every == 0, s, seq_len) for i in range(L)]
+    cpu_autocast = s == 2 and next(model.parameters()).device.type == "cpu"
+    saved = [N * _block_bytes(c, bool(every) and i % every == 0, s, seq_len, cpu_autocast) for i in range(L)]
     blocks = sum(saved)
     # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token (fp32);
     # the embedding's dropout mask
     whole_step = 16 * N + (4 * N * 2 * C if row_positions and c.rope_heads else 0) + (N * C if c.dropout else 0)
-    est["activations"] = blocks + s * N * (2 * C + 2) + whole_step  # + ln_f's input, output and stats
+    # + ln_f's (fp32) input and stats, and its output as the head takes it
+    est["activations"] = blocks + N * (4 * C + s * C + 8) + whole_step
     head_grad = 4 * V * C if model.lm_head.weight.requires_grad else 0  # (LoRA freezes the tied embedding)
     if chunked_loss:  # d W and d h are made in the forward and kept; one chunk of logits at a time
         from kernels import lce_chunk_rows
         rows = min(N, lce_chunk_rows(N, C))
         est["loss"] = head_grad + 4 * N * C + 4 * rows * (V + C)
-    else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once
-        est["loss"] = 3 * 4 * V * N + (2 * V * N if s == 2 else 0)
+    else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once (under bf16
+        # autocast the bf16 logits are freed once cast up, and their bf16 gradient is made after these go)
+        est["loss"] = 3 * 4 * V * N
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
     dequant = _dequant_temporaries(model)  # made and freed inside a 4-bit layer's forward or backward
     # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
     # its backward holds a 4C-wide gradient beside that, and the gradient flowing in and the head's weight
     # gradient exist
-    recompute = N * (_block_bytes(c, False, s, seq_len) - _block_bytes(c, True, s, seq_len))
+    recompute = N * (_block_bytes(c, False, s, seq_len, cpu_autocast) - _block_bytes(c, True, s, seq_len))
     in_blocks = max((sum(saved[:i + 1]) + (recompute if every and i % every == 0 else 0) for i in range(L)),
                     default=0)
     accumulated = est["grads"] if grad_accum > 1 else 0
