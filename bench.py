@@ -35,6 +35,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def median_times(fns, device="cpu", warmup=1, iters=5):
+    """Median wall time of each of fns, timed in alternating rounds so that a machine whose speed drifts (a shared
+    VM) weighs on each alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    rounds = [[median_time(fn, device, warmup=0, iters=1) for fn in fns] for _ in range(iters)]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+
+
 def median_time(fn, device="cpu", warmup=2, iters=5):
     """Median wall time of fn() in seconds, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -185,15 +195,17 @@ def bench_train(args):
         model = GPT(cfg).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
-        iters = 2 if args.quick or not cuda else 10
+        iters = 10 if cuda else 2 if args.quick or name != "default" else 7
         step = train_step(model, opt, x, ctx)
+        step()  # (the optimizer's state is made here)
         reset_peak_memory(args.device)
-        t = median_time(step, args.device, warmup=1, iters=iters)
-        peak = peak_memory_mb(args.device)  # (on CPU the process's peak so far: ours runs first)
-        t32 = None
-        if dtype_name != "float32":  # the same step in fp32, the baseline
-            t32 = median_time(train_step(model, opt, x, contextlib.nullcontext()), args.device,
-                              warmup=1, iters=iters)
+        step()
+        peak = peak_memory_mb(args.device)  # ours alone (on CPU the process's peak so far)
+        if dtype_name == "float32":
+            t, t32 = median_time(step, args.device, warmup=0, iters=iters), None
+        else:  # against the same step in fp32, in alternating rounds
+            t, t32 = median_times([step, train_step(model, opt, x, contextlib.nullcontext())], args.device,
+                                  warmup=1, iters=iters)
         tps = batch * cfg.block_size / t
         mfu = model.estimate_mfu(tps, cfg.block_size, args.device)
         shape = f"{model.get_num_params() / 1e6:.1f}M params, {batch}x{cfg.block_size} tokens"

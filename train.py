@@ -425,6 +425,7 @@ def run(cfg, explicit):
         raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
                         "--fsdp), or drop the flag")
     ctx, dtype_name = autocast_for(device, cfg.dtype, cpu_bf16=True)
+    cfg.dtype = dtype_name  # saved resolved: --resume keeps the precision on a machine where auto means another
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 

@@ -147,6 +147,8 @@ def test_init_from_a_local_hf_gpt2_directory(corpus, tmp_path):
     assert p.returncode == 0, p.stderr
     ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ck["model_config"]["vocab_size"] == 300 and ck["config"]["block_size"] == 96
+    # --dtype auto is saved as what it meant here, so a resume on another machine keeps the precision
+    assert ck["config"]["dtype"] == ("bfloat16" if train.cpu_has_bf16_matmul() else "float32")
     assert_one_line_error(run_cli(TINY + ["--dataset", corpus, "--init_from", str(hf), "--n_layer", "3",
                                           "--out_dir", str(tmp_path / "x")]), "--n_layer")
 
