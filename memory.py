@@ -76,8 +76,9 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     of the earlier ones; row_positions: the batch comes with per-row positions (the loader's document-aligned
     rows), so rotary heads gather their cos/sin tables per token. fp32 weights, gradients and AdamW states
     (8-bit AdamW: ~2 bytes a parameter); activations in fp32, or for bfloat16 autocast with the weight copies
-    and the activations autocast keeps in bf16 (measured on CPU; on CUDA reasoned, not yet measured). DDP adds its gradient buckets; FSDP
-    divides weights, gradients and optimizer state by the world size and adds one gathered block."""
+    and the activations autocast keeps in bf16 (measured on CPU; on CUDA reasoned, not yet measured). DDP adds
+    its gradient buckets; FSDP divides weights, gradients and optimizer state by the world size and adds one
+    gathered block."""
     c = model.config
     params = list({id(p): p for p in model.parameters()}.values())
     P = sum(p.numel() for p in params)
@@ -96,7 +97,11 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
         est["weight_copies"] = 2 * P
     every = grad_ckpt_every
     cpu_autocast = s == 2 and next(model.parameters()).device.type == "cpu"
-    saved = [N * _block_bytes(c, bool(every) and i % every == 0, s, seq_len, cpu_autocast) for i in range(L)]
+    adapters = [m for m in model.transformer.h[0].modules() if getattr(m, "lora_B", None) is not None] if L else []
+    # LoRA: each adapter keeps x A (rank wide) for B, and with adapter dropout the dropped x (for A)
+    lora = sum(m.rank * s + (s * m.in_features if isinstance(m.dropout, torch.nn.Dropout) else 0) for m in adapters)
+    saved = [N * (_block_bytes(c, ckpt, s, seq_len, cpu_autocast) + (0 if ckpt else lora))
+             for ckpt in (bool(every) and i % every == 0 for i in range(L))]
     blocks = sum(saved)
     # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token (fp32);
     # the embedding's dropout mask
@@ -114,9 +119,11 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
     dequant = _dequant_temporaries(model)  # made and freed inside a 4-bit layer's forward or backward
     # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
-    # its backward holds a 4C-wide gradient beside that, and the gradient flowing in and the head's weight
-    # gradient exist
-    recompute = N * (_block_bytes(c, False, s, seq_len, cpu_autocast) - _block_bytes(c, True, s, seq_len))
+    # its backward holds a 4C-wide gradient beside that (and an adapter's scaled one), and the gradient flowing
+    # in and the head's weight gradient exist
+    recompute = N * (_block_bytes(c, False, s, seq_len, cpu_autocast) + lora - _block_bytes(c, True, s, seq_len))
+    # an adapter's backward scales the gradient of its output: one more gradient as wide as the widest adapter
+    lora_grad = s * N * max((m.out_features for m in adapters), default=0)
     in_blocks = max((sum(saved[:i + 1]) + (recompute if every and i % every == 0 else 0) for i in range(L)),
                     default=0)
     accumulated = est["grads"] if grad_accum > 1 else 0
@@ -125,7 +132,8 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
         # before the loss, whose head is the float embedding
         forward=fixed + accumulated + est["activations"] + dequant,
         loss=fixed + accumulated + est["activations"] + est["loss"],
-        backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + head_grad + dequant,
+        backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + lora_grad + head_grad
+        + dequant,
         # the tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
         backward_end=fixed + est["grads"] + 2 * head_grad / shard,
         update=fixed + est["grads"],
