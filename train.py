@@ -404,8 +404,11 @@ def build_model(cfg, explicit, meta, ckpt, hf_model):
 def run(cfg, explicit):
     check_config(cfg)
     ckpt, hf_model = load_start(cfg, explicit)  # before anything is built or written
+    legacy_auto = False
     if cfg.resume:  # the saved run's settings, with the flags given now on top
         saved = ckpt["config"]
+        # saved before runs recorded what --dtype auto resolved to, when auto meant fp32 on every CPU
+        legacy_auto = saved.get("dtype") == "auto" and "dtype" not in explicit
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__},
                              "stop_after": 0, "overwrite": False, "init_from": "", "resume": True,
                              **{k: getattr(cfg, k) for k in explicit}})
@@ -424,7 +427,7 @@ def run(cfg, explicit):
     if cfg.fsdp and world == 1:
         raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
                         "--fsdp), or drop the flag")
-    ctx, dtype_name = autocast_for(device, cfg.dtype, cpu_bf16=True)
+    ctx, dtype_name = autocast_for(device, cfg.dtype, cpu_bf16=not legacy_auto)
     cfg.dtype = dtype_name  # saved resolved: --resume keeps the precision on a machine where auto means another
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)

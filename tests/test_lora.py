@@ -351,12 +351,13 @@ def test_qlora_run_resumes_exactly(start, tmp_path):
     assert "merged" in p.stdout and "untagged" in p.stdout
 
 
-def test_lora_ddp_two_processes_match_one_process_with_adamw8bit(start, tmp_path):
-    data, ckpt = start
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 1e-3)])
+def test_lora_ddp_two_processes_match_one_process_with_adamw8bit(start, tmp_path, dtype, tol):
+    data, ckpt = start  # (bf16: DDP must not re-broadcast the 4-bit base's uint8 buffers under CPU autocast)
     common = ["--dataset", data, "--init_from", ckpt, "--lora_rank", "4", "--lora_base", "int4g64",
               "--optim", "adamw8bit", "--max_iters", "4", "--eval_interval", "100", "--eval_iters", "1",
               "--final_problems", "1", "--samples", "0", "--threads", "1", "--batch_size", "4", "--warmup_iters", "1",
-              "--dtype", "float32"]
+              "--dtype", dtype]
     one = run_cli(common + ["--out_dir", str(tmp_path / "one"), "--grad_accum", "2"])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "1"],
@@ -365,8 +366,8 @@ def test_lora_ddp_two_processes_match_one_process_with_adamw8bit(start, tmp_path
     assert two.returncode == 0, two.stderr
     a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
     assert list(a) == list(b) == list(range(1, 5))
-    for step in a:  # the same sums in another order: float32 round-off, far below 1e-5
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    for step in a:  # the same sums in another order: fp32 round-off, which bf16 rounding of the weights can amplify
+        assert abs(a[step] - b[step]) < tol, (step, a[step], b[step])
 
 
 def test_bench_lora_section_measures_the_four_variants():
