@@ -493,8 +493,9 @@ def run(cfg, explicit):
     raw_model = model
     if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # buffers (rope tables, frozen 4-bit weights) never change, so they are synced once here and not before
-        # every forward, where CPU autocast would also reject broadcasting the uint8 ones
+        # buffers (rope tables, frozen 4-bit weights) never change, and QAT's scale buffers are filled alike on
+        # every process from the synced weights, so they are synced once here and not before every forward,
+        # where CPU autocast would also reject broadcasting the uint8 ones
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
     if cfg.compile:
         model = torch.compile(model)
