@@ -184,7 +184,7 @@ def plan_batch(model, budget, rows_per_step, seq_len, **kw):
 
 
 def apply_plan(cfg, model, world, dtype, verbose=True):
-    """train.py's --grad_ckpt/--ckpt_every, --memory_budget and --plan on a TrainConfig `cfg` and a GPT: with a
+    """train.py's --grad_ckpt/--grad_ckpt_every, --memory_budget and --plan on a TrainConfig `cfg` and a GPT: with a
     budget, cfg's micro-batch, accumulation and checkpointing become plan_batch's choice (PLAN_HEADROOM of the
     budget is left for what the estimate does not hold: allocator caches, the CUDA context). Returns the
     estimate for the settings that will run; ValueError for a bad or too-small budget."""
@@ -205,8 +205,8 @@ def apply_plan(cfg, model, world, dtype, verbose=True):
                              f"model or --block_size, or a larger budget")
         cfg.batch_size, every, _ = choice
         cfg.grad_accum = rows // cfg.batch_size
-        cfg.grad_ckpt, cfg.ckpt_every = bool(every), every or cfg.ckpt_every
-    model.grad_ckpt_every = cfg.ckpt_every if cfg.grad_ckpt else 0
+        cfg.grad_ckpt, cfg.grad_ckpt_every = bool(every), every or cfg.grad_ckpt_every
+    model.grad_ckpt_every = cfg.grad_ckpt_every if cfg.grad_ckpt else 0
     est = estimate_memory(model, cfg.batch_size, cfg.block_size, grad_ckpt_every=model.grad_ckpt_every,
                           grad_accum=cfg.grad_accum, **kw)
     if verbose and (cfg.plan or cfg.memory_budget):
@@ -239,6 +239,18 @@ def reset_rss_peak():
 
 def rss_peak_mb():
     return _status_mb("VmHWM")
+
+
+def peak_memory_mb(device):
+    """The peak so far: CUDA's allocator peak on GPU; on CPU the process's peak RSS (since the last
+    reset_rss_peak, where Linux allows resetting it)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        return rss_peak_mb()
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class TensorPeak(TorchDispatchMode):

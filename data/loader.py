@@ -9,6 +9,7 @@ Ideas it rests on:
 """
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,13 +79,11 @@ class Batches:
             self.starts, self.ignore = None, None
         self.bos_id = bos_id
         self.rng = np.random.default_rng(seed)
-        self.draws = 0
 
     def _draw_one(self):
         # one generator call per micro-batch, whatever the world size, so the stream is the same for any W
         hi = len(self.starts) if self.starts is not None else len(self.tokens) - self.T
         idx = self.rng.integers(hi, size=self.B)
-        self.draws += 1
         return self.starts[idx] if self.starts is not None else idx
 
     def next(self):
@@ -101,8 +100,60 @@ class Batches:
         return x, y, torch.from_numpy(steps - starts)
 
     def state_dict(self):
-        return {"rng": self.rng.bit_generator.state, "draws": self.draws}
+        return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]
-        self.draws = state["draws"]
+
+
+def make_batches(tokens, meta, block_size, batch_size, seed, rank=0, world_size=1, name="train.bin"):
+    """The Batches a dataset's kind calls for: document-aligned rows with masked prompts for task corpora,
+    random windows for plain text."""
+    tok = meta["tokenizer"]
+    doc = meta.get("kind") == "reasoning"
+    prompt_end = ord(meta.get("prompt_end", "\n")) if doc else None
+    return Batches(tokens, block_size, batch_size, seed, doc_aligned=doc, bos_id=tok["bos_id"],
+                   prompt_end_id=prompt_end, rank=rank, world_size=world_size, name=name)
+
+
+# ----------------------------------------------------------------------------- datasets by name
+
+DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATASET = "reasoning"  # built on first use by data/prepare.py's defaults
+
+
+@dataclass
+class Dataset:
+    """An opened dataset: its folder, meta.json, tokenizer and task (None for plain text)."""
+    name: str
+    dir: str
+    meta: dict
+    tok: object
+    task: object
+
+    def tokens(self, split):
+        return open_tokens(self.dir, split, self.meta)
+
+
+def dataset_dir(name):
+    """A dataset's folder: a path as given, or a bare name under data/."""
+    return name if os.path.isabs(name) or os.sep in name else os.path.join(DATA_ROOT, name)
+
+
+def open_dataset(name, build_default=True):
+    """Open a dataset by name or path. The built-in default corpus is generated first when it is missing or was
+    made by another version of data/tasks.py (build_default: only one process of a job should build it)."""
+    from data.prepare import ensure_default_corpus  # (prepare imports this module)
+    from data.tasks import task_from_meta
+    from data.tokenizer import load_tokenizer
+    d = dataset_dir(name)
+    if name == DEFAULT_DATASET and build_default:
+        ensure_default_corpus(d)
+    meta = load_meta(d)
+    try:
+        tok = load_tokenizer(meta["tokenizer"], d)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{d}/meta.json has no valid tokenizer entry ({e}): re-run data/prepare.py for it")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise DataError(str(e))
+    return Dataset(name, d, meta, tok, task_from_meta(meta))

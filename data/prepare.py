@@ -23,6 +23,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from files import atomic_write  # noqa: E402
+from data.loader import DataError, load_meta  # noqa: E402
 from data.tasks import FORMAT_VERSION, TaskConfig, make_examples, subtraction_task  # noqa: E402
 from data.tokenizer import byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, save_bpe, train_bpe  # noqa: E402
 
@@ -33,25 +35,16 @@ def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2 ** 16 else np.uint32
 
 
-def _write_atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_dataset(out_dir, train_ids, val_ids, tok, extra):
     os.makedirs(out_dir, exist_ok=True)
     dtype = token_dtype(tok.n_vocab)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         arr = np.asarray(ids, dtype=dtype)
-        _write_atomic(os.path.join(out_dir, f"{split}.bin"), lambda p, a=arr: a.tofile(p))
+        atomic_write(os.path.join(out_dir, f"{split}.bin"), arr.tofile, mode=None)
     meta = dict(tokenizer=tok.to_meta(), vocab_size=tok.n_vocab, dtype=np.dtype(dtype).name,
                 train_tokens=len(train_ids), val_tokens=len(val_ids), **extra)
-
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=1)
-    _write_atomic(os.path.join(out_dir, "meta.json"), dump)  # last: a dataset without meta.json is not one
+    # last: a dataset without meta.json is not one
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
     return meta
 
 
@@ -65,17 +58,35 @@ def encode_documents(tok, pairs):
     return ids
 
 
-def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True):
-    """Generate the reasoning corpus into out_dir; returns its meta dict."""
+def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True, default=False):
+    """Generate the reasoning corpus into out_dir; returns its meta dict. default: built as the built-in corpus
+    (which train.py may rebuild when data/tasks.py changes)."""
     cfg = cfg or TaskConfig()
     tok = byte_tokenizer()
     train = encode_documents(tok, make_examples(cfg, "train", cfg.train_examples))
     val = encode_documents(tok, make_examples(cfg, "val", cfg.val_examples))
     meta = write_dataset(out_dir, train, val, tok, dict(kind="reasoning", task=asdict(cfg), prompt_end="\n",
-                                                         format_version=FORMAT_VERSION))
+                                                         format_version=FORMAT_VERSION,
+                                                         built_as_default=default))
     if verbose:
         print(f"reasoning corpus: {len(train):,} train / {len(val):,} val tokens -> {out_dir}")
     return meta
+
+
+def ensure_default_corpus(out_dir):
+    """The built-in corpus with today's defaults at out_dir: built when missing, rebuilt when an older version of
+    data/tasks.py built it as the default; a dataset made with other settings is never replaced (DataError)."""
+    want = json.loads(json.dumps(asdict(TaskConfig())))
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(path):
+        return prepare_reasoning(out_dir, default=True)
+    meta = load_meta(out_dir)
+    if isinstance(meta, dict) and meta.get("format_version") == FORMAT_VERSION and meta.get("task") == want:
+        return meta
+    if isinstance(meta, dict) and meta.get("built_as_default"):
+        return prepare_reasoning(out_dir, default=True)  # an older version's default corpus
+    raise DataError(f"{out_dir} holds a dataset made with other settings than the default corpus: pass "
+                    f"--dataset with its path to use it, or move it away to build the default")
 
 
 def prepare_text(input_path, out_dir, tokenizer="bytes", vocab_size=2048, val_fraction=0.1, verbose=True):

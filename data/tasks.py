@@ -283,3 +283,27 @@ def held_out_problems(cfg: TaskConfig, level, n=None):
     """The fixed held-out test problems of a level (distinct; level 1 has only the ~170 in its test split)."""
     rng = random.Random(f"{cfg.seed}-test-{level}")
     return sample_problems(level, "test", n or cfg.test_per_level, rng, distinct=True)
+
+
+def task_from_meta(meta):
+    """The TaskConfig a reasoning dataset was generated with (stored in its meta.json), or None for a dataset of
+    another kind (plain text has no task to evaluate)."""
+    if meta.get("kind") != "reasoning":
+        return None
+    return TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["task"].items()})
+
+
+def widest_problem(level):
+    """The problem of `level` whose prompt is longest: every operand at its largest number of digits."""
+    if level in SUB_LEVELS:
+        big = 10 ** SUB_LEVELS[level][1] - 1
+        return (big, -big)
+    n_ops, (_, dmax) = LEVELS[level]
+    return (10 ** dmax - 1,) * n_ops
+
+
+def longest_prompt(tok, task, styles=(None,), budget=None):
+    """Tokens (with <|bos|>) of the longest prompt of the task's levels in any of `styles`: what a model's
+    block_size must hold before it can answer."""
+    return max(len(tok.encode(prompt_text(widest_problem(level), style, budget), bos=True))
+               for level in task.levels for style in styles)

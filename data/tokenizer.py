@@ -20,6 +20,8 @@ from collections import Counter, defaultdict
 import regex  # tiktoken's own dependency; needed for \p{L} in the split pattern
 import tiktoken
 
+from files import atomic_write
+
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
 # GPT-4's split pattern with numbers cut into groups of at most 2 digits (as nanochat does for small vocabularies:
@@ -180,10 +182,8 @@ def save_bpe(path, ranks, pattern=GPT4_LIKE_PATTERN):
     _check_ranks(ranks)
     lines = [json.dumps(pattern)] + [f"{base64.b64encode(t).decode()} {r}" for t, r in
                                       sorted(ranks.items(), key=lambda kv: kv[1])]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_bpe(path):

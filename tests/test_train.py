@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+import runtime
 import train
+from config import TrainConfig, UserError, parse_config
 from data.prepare import prepare_reasoning, prepare_text
 from data.tasks import TaskConfig
 
@@ -51,44 +53,62 @@ def assert_one_line_error(proc, *needles):
 def test_flags_accept_both_spellings_bools_and_toml(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('n_layer = 3\nlr = 0.01\ndataset = "x"\n')
-    cfg, explicit = train.parse_config(train.TrainConfig, ["--config", str(toml), "--n_layer=5", "--compile",
+    cfg, explicit = parse_config(TrainConfig, ["--config", str(toml), "--n_layer=5", "--compile",
                                                            "--dropout", "0.1", "--bias", "false"])
     assert (cfg.n_layer, cfg.lr, cfg.dataset, cfg.compile, cfg.dropout, cfg.bias) == (5, 0.01, "x", True, 0.1, False)
     assert explicit == {"n_layer", "lr", "dataset", "compile", "dropout", "bias"}
 
 
 def test_unknown_flag_names_the_close_matches():
-    with pytest.raises(train.UserError, match="did you mean --n_layer"):
-        train.parse_config(train.TrainConfig, ["--n_layr", "3"])
-    with pytest.raises(train.UserError, match="expects int"):
-        train.parse_config(train.TrainConfig, ["--n_layer", "three"])
-    cfg, _ = train.parse_config(train.TrainConfig, ["--gelu", "relu"])
-    with pytest.raises(train.UserError, match="--gelu must be exact or tanh"):
+    with pytest.raises(UserError, match="did you mean --n_layer"):
+        parse_config(TrainConfig, ["--n_layr", "3"])
+    with pytest.raises(UserError, match="expects int"):
+        parse_config(TrainConfig, ["--n_layer", "three"])
+    cfg, _ = parse_config(TrainConfig, ["--gelu", "relu"])
+    with pytest.raises(UserError, match="--gelu must be exact or tanh"):
         train.check_config(cfg)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert train.lr_at(0, cfg) < train.lr_at(9, cfg) < 1.0
     assert train.lr_at(10, cfg) == pytest.approx(1.0)
     assert train.lr_at(60, cfg) == pytest.approx(0.55)
     assert train.lr_at(110, cfg) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_dtype_is_bf16_on_cpus_with_amx_for_training_only(monkeypatch, amx):
-    assert isinstance(train.cpu_has_bf16_matmul(), bool)  # False, not an error, where torch cannot tell
-    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: amx)
-    ctx, name = train.autocast_for("cpu", "auto", cpu_bf16=True)
-    assert name == ("bfloat16" if amx else "float32")
-    if amx:
-        with ctx:
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_on_cpus_with_native_bf16_for_every_entry_point(monkeypatch, native):
+    assert isinstance(runtime.cpu_has_bf16_matmul(), bool)  # False, not an error, where torch cannot tell
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: native)
+    name = runtime.resolve_dtype("cpu", "auto")
+    assert name == ("bfloat16" if native else "float32")
+    if native:
+        with runtime.autocast("cpu", name):
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-    assert train.autocast_for("cpu", "auto")[1] == "float32"  # reason_rl's callers: fp32 unless asked
-    assert train.autocast_for("cpu", "float32", cpu_bf16=True)[1] == "float32"
-    assert train.autocast_for("cpu", "bfloat16")[1] == "bfloat16"
-    with pytest.raises(train.UserError, match="use bfloat16"):
-        train.autocast_for("cpu", "float16")
+    assert runtime.resolve_dtype("cpu", "float32") == "float32"
+    assert runtime.resolve_dtype("cpu", "bfloat16") == "bfloat16"
+    with pytest.raises(UserError, match="loss scaling"):
+        runtime.resolve_dtype("cpu", "float16")
+
+
+def test_cpu_bf16_detection_counts_amx_and_avx512_bf16(monkeypatch):
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v)
+        assert runtime.cpu_has_bf16_matmul() == (amx or avx)
+
+
+def test_old_flag_name_still_works_with_a_note(capsys):
+    cfg, explicit = parse_config(TrainConfig, ["--ckpt_every", "2"])
+    assert cfg.grad_ckpt_every == 2 and explicit == {"grad_ckpt_every"}
+    assert "--grad_ckpt_every" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_default_and_comment(capsys):
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--grad_ckpt_every" in out and "default 700" in out and "length of the LR schedule" in out
 
 
 # ----------------------------------------------------------------------------- runs
@@ -153,7 +173,7 @@ def test_init_from_a_local_hf_gpt2_directory(corpus, tmp_path):
     ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ck["model_config"]["vocab_size"] == 300 and ck["config"]["block_size"] == 96
     # --dtype auto is saved as what it meant here, so a resume on another machine keeps the precision
-    assert ck["config"]["dtype"] == ("bfloat16" if train.cpu_has_bf16_matmul() else "float32")
+    assert ck["config"]["dtype"] == ("bfloat16" if runtime.cpu_has_bf16_matmul() else "float32")
     assert_one_line_error(run_cli(TINY + ["--dataset", corpus, "--init_from", str(hf), "--n_layer", "3",
                                           "--out_dir", str(tmp_path / "x")]), "--n_layer")
 

@@ -1,0 +1,138 @@
+"""checkpoint.py: save and load checkpoints, and build a model from any checkpoint the project writes.
+
+    save_checkpoint(path, state)           atomic and durable (files.atomic_write)
+    load_checkpoint(path, for_resume)      weights_only=True, checked, one-line errors
+    load_model(path, dropout)              a checkpoint file or a local Hugging Face directory -> (GPT, ckpt)
+    resume_config(cls, saved, cfg, explicit)   the saved run's settings with the flags given now on top
+    refuse_existing(out_dir, overwrite)    a fresh run never replaces a saved one unless told to
+
+Ideas it rests on:
+- A checkpoint is a dict of tensors and plain containers: the model's state_dict, its GPTConfig as a dict, and
+  descriptions of the modules that were swapped into it (quant.describe: fake-quant or converted int4/int8
+  layers; lora.describe: adapters over a float or 4-bit base). Building a model is then always the same three
+  steps: GPT(config), restore the swapped modules empty, load the state_dict. Whatever wrote the checkpoint
+  (pretraining, QAT, PTQ, QLoRA, FSDP, the RL loop), every entry point loads it this way.
+- Loading never runs code: torch.load(weights_only=True), and a file that needs more is refused.
+"""
+import os
+import pickletools
+import warnings
+import zipfile
+from dataclasses import asdict, fields
+
+import torch
+
+import lora
+import quant
+from config import RENAMED, UserError
+from files import atomic_write
+from model import GPT, config_from_dict
+
+RESUME_KEYS = ("model", "model_config", "optimizer", "step", "config", "rng")
+
+
+def save_checkpoint(path, state):
+    """Write state to path atomically (a temporary file, fsynced, then renamed): a crash, a kill or a full disk
+    never leaves half a checkpoint in place of the last good one."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def model_state(model):
+    """What every checkpoint holds about the model: weights, shape and the modules swapped into it."""
+    return dict(model=model.state_dict(), model_config=asdict(model.config), quant=quant.describe(model),
+                lora=lora.describe(model))
+
+
+def load_checkpoint(path, for_resume=False):
+    """The checkpoint dict at path, or a one-line UserError naming the file and what to do."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: check the path, or train one first with `python train.py`")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, not a checkpoint file")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; all mean the same to the user
+        if _calls_code(path):
+            raise UserError(f"{path} holds pickled objects that could run code when loaded; refusing to load it "
+                            f"(checkpoints hold only tensors and plain containers)")
+        raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); use another file")
+    if not isinstance(ck, dict) or "model" not in ck or not isinstance(ck.get("model_config"), dict):
+        raise UserError(f"{path} is not a checkpoint of this trainer (no model/model_config inside)")
+    missing = [k for k in RESUME_KEYS if k not in ck] if for_resume else []
+    if missing:
+        raise UserError(f"{path} cannot be resumed (it lacks {', '.join(missing)}): use --init_from to start from it")
+    return ck
+
+
+def _calls_code(path):
+    """True when the file is a well-formed pickle (plain, or inside torch's zip format) that imports or calls
+    something: what weights_only refused in a file that is not merely corrupt."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        ops = [op.name for op, _, _ in pickletools.genops(data)]
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: corrupt
+        return False
+    return any(op in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX") for op in ops)
+
+
+def model_from_checkpoint(ck, path="the checkpoint", dropout=None):
+    """A GPT holding the checkpoint's weights, with its quantized layers and adapters rebuilt first."""
+    config = config_from_dict(ck["model_config"])
+    if dropout is not None:
+        config.dropout = dropout
+    try:
+        model = GPT(config)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"{path}: its model config is not valid ({e})")
+    try:
+        quant.restore_(model, ck.get("quant"))  # a quantized checkpoint's modules, before its weights
+        lora.restore_(model, ck.get("lora"))
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: its weights do not fit its model config ({str(e).splitlines()[0]})")
+    return model
+
+
+def load_model(path, dropout=None):
+    """(model, checkpoint dict or None) from a checkpoint file or a local Hugging Face directory."""
+    if os.path.isdir(path):
+        try:
+            model = GPT.from_pretrained(path, **({} if dropout is None else dict(dropout=dropout)))
+        except Exception as e:  # a missing file, a bad config.json, a corrupt tensor file: all the user's to fix
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"could not load {path} as a Hugging Face model directory: {first}")
+        return model, None
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (no such checkpoint file or directory): check the path")
+    ck = load_checkpoint(path)
+    return model_from_checkpoint(ck, path, dropout), ck
+
+
+def resume_config(cls, saved, cfg, explicit, reset=()):
+    """The saved run's config with the flags given now (`explicit`) on top; `reset` names fields that return to
+    their defaults (e.g. stop_after). Fields this version no longer knows are dropped; renamed ones follow."""
+    names = {f.name for f in fields(cls)}
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
+    defaults = cls()
+    merged = {k: v for k, v in saved.items() if k in names}
+    merged.update({k: getattr(defaults, k) for k in reset})
+    merged.update({k: getattr(cfg, k) for k in explicit})
+    return cls(**merged)
+
+
+def refuse_existing(out_dir, overwrite, what="ckpt.pt"):
+    """A fresh run never replaces a saved one unless --overwrite says so."""
+    path = os.path.join(out_dir, what)
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file: give a folder")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
+                        f"or --overwrite to replace it")
