@@ -1,9 +1,10 @@
 """reason_rl.py: a small length-aware RL loop (GRPO family) that teaches a reasoning model to reach the same answers
-with fewer generated tokens. It starts from the checkpoint `python train.py` writes.
+with fewer generated tokens. It starts from any checkpoint train.py writes (float, QAT, PTQ int4, LoRA/QLoRA),
+trained on any task corpus data/ generates.
 
     python reason_rl.py                                   # the default run: out/ckpt.pt -> out_rl/
     python reason_rl.py --length_reward none              # plain GRPO, the baseline
-    python reason_rl.py --length_reward arora --alpha 0.2 # another length objective (see LENGTH_REWARDS)
+    python reason_rl.py --length_reward arora --alpha 0.2 # another length objective (see config.LENGTH_REWARDS)
     python reason_rl.py --sweep 0.25,0.5,1                # baseline + several strengths -> out_rl/sweep.md
     python reason_rl.py --eval_only --init_from out_rl/ckpt.pt
 
@@ -20,78 +21,27 @@ Ideas it rests on:
   (GRPO), per token over the batch (DAPO) or by a constant (Dr. GRPO), with an optional k3 KL to the start model.
 - Samples whose advantage is 0 add nothing to the gradient, so they are not run through the backward pass at all
   (they still count in the normalisation, so the loss is the same as with them).
-- Checkpoints hold the model, optimizer, step, every RNG and the config, like train.py's: --resume is exact.
+- Only the parameters the checkpoint trains are updated: adapters over a frozen (4-bit) base for a QLoRA
+  checkpoint, everything float otherwise. Checkpoints hold the model (with its quantized layers and adapters
+  described, so train.py's --lora_merge and --ptq take them), optimizer, step, every RNG and the config.
 """
+import copy
 import json
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from config import UserError, cli
-from data.loader import load_meta
-from data.tasks import LEVELS, STYLES, TaskConfig, check_answer, prompt_text, sample_problems, style_of
-from data.tokenizer import load_tokenizer
-from evaluate import decode_answer, evaluate_reasoning, format_table, summarize
-from model import GPT, config_from_dict
-from train import (autocast_for, dataset_dir, ensure_dataset, load_checkpoint, pick_device, rng_state,
-                   save_checkpoint, set_rng_state)
-
-LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")
-
-
-@dataclass
-class RLConfig:
-    # i/o
-    init_from: str = "out/ckpt.pt"  # the checkpoint to improve (train.py's default output)
-    out_dir: str = "out_rl"
-    resume: bool = False            # continue out_dir/ckpt.pt exactly
-    overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
-    eval_only: bool = False         # the per-level table of init_from, and exit
-    sweep: str = ""                 # comma-separated strengths: runs the no-length baseline and each one
-    # rollouts
-    steps: int = 40
-    stop_after: int = 0             # stop (and save) at this step; --resume continues the same run
-    prompts_per_step: int = 16
-    group_size: int = 8             # samples per prompt
-    temperature: float = 1.0
-    top_k: int = 0                  # 0: off
-    max_new_tokens: int = 0         # 0: whatever the model's block_size leaves after the longest prompt
-    truncated: str = "zero"         # zero: a truncated sample gets reward 0 | mask: it is left out of the loss
-    levels: str = ""                # levels the training prompts come from, e.g. "1,2,3" ("": all, evenly)
-    # loss
-    advantage: str = "zscore"       # zscore (GRPO) | mean (Dr. GRPO: no division by the group's std)
-    norm: str = "token"             # seq (GRPO) | token (DAPO) | const (Dr. GRPO: by max_new_tokens)
-    epochs: int = 1                 # updates per batch of rollouts; >1 uses the clipped ratio
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0            # k3 KL to the starting model (0: off, and no reference copy is kept)
-    lr: float = 3e-5                # small: Adam moves every weight by ~lr a step, and the working must survive
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 64           # rows per forward/backward pass (memory, not maths)
-    # length objective
-    length_reward: str = "kimi"     # one of LENGTH_REWARDS
-    alpha: float = 0.5              # strength of the length term (its units depend on length_reward)
-    solve_threshold: float = 0.5    # apply the length term only in groups solving at least this share
-    penalty_warmup: int = 0         # steps over which the length term ramps up from 0
-    l1_targets: str = "16,32,64,128,192"  # l1: target lengths drawn for the prompts
-    l1_eval_target: int = 32        # l1: the budget written in evaluation prompts
-    gfpo_keep: int = 4              # gfpo: samples per group trained on
-    gfpo_metric: str = "length"     # gfpo: keep the shortest (length) or the best reward per token (efficiency)
-    # evaluation
-    eval_interval: int = 0          # greedy eval on test problems every N steps (0: at the start and end only)
-    eval_problems: int = 200        # per level
-    # system
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 1337
-    threads: int = 0
+import runtime
+from checkpoint import load_checkpoint, load_model, model_state, refuse_existing, resume_config, save_checkpoint
+from config import LENGTH_REWARDS, RLConfig, UserError, cli
+from data.loader import open_dataset
+from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
+from evaluate import decode_answer, format_table, summary_line, untagged_summary
 
 
 # ----------------------------------------------------------------------------- rewards and advantages
@@ -297,31 +247,11 @@ def step_metrics(samples, flat):
     return dict(reward=mean([s["reward"] for s in samples]), accuracy=len(right) / n,
                 len_correct=mean([s["length"] for s in right]), len_wrong=mean([s["length"] for s in wrong]),
                 truncated=sum(not s["finished"] for s in samples) / n, zero_variance_groups=flat,
-                tokens_per_correct=sum(s["length"] for s in samples) / max(1, len(right)),
+                tokens_per_correct=sum(s["length"] for s in samples) / len(right) if right else None,
                 styles={st: sum(s["style"] == st for s in samples) / n for st in STYLES})
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(model, tok, task, cfg, device, ctx):
-    """Greedy accuracy and mean tokens per level on the held-out test problems (untagged prompts)."""
-    budget = cfg.l1_eval_target if cfg.length_reward == "l1" else None
-    rows = evaluate_reasoning(model, tok, task, device, cfg.eval_problems, ctx=ctx, budget=budget)
-    total = summarize(rows)["untagged"]
-    correct = sum(r["accuracy"] * r["n"] for r in rows)
-    tokens = sum(r["mean_tokens"] * r["n"] for r in rows)
-    return dict(rows=rows, accuracy=total["accuracy"], mean_tokens=total["mean_tokens"],
-                tokens_per_correct=tokens / max(1e-9, correct))
-
-
-def eval_line(e):
-    return (f"accuracy {100 * e['accuracy']:.1f}% | {e['mean_tokens']:.1f} tokens | "
-            f"{e['tokens_per_correct']:.1f} tokens/correct | " +
-            " ".join(f"L{r['level']} {100 * r['accuracy']:.0f}%/{r['mean_tokens']:.0f}" for r in e["rows"]))
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- checks and the policy
 
 CHOICES = dict(truncated=("zero", "mask"), advantage=("zscore", "mean"), norm=("seq", "token", "const"),
                length_reward=LENGTH_REWARDS, gfpo_metric=("length", "efficiency"))
@@ -341,8 +271,8 @@ def check_config(cfg):
         raise UserError(f"--stop_after {cfg.stop_after} is beyond --steps {cfg.steps}")
     if cfg.gfpo_keep > cfg.group_size:
         raise UserError(f"--gfpo_keep {cfg.gfpo_keep} exceeds --group_size {cfg.group_size}")
-    if cfg.temperature <= 0:
-        raise UserError("--temperature must be positive: rollouts are sampled")
+    if not cfg.temperature > 0 or math.isinf(cfg.temperature):
+        raise UserError("--temperature must be a positive number: rollouts are sampled")
     for name in ("levels", "l1_targets", "sweep"):
         try:
             parse_list(getattr(cfg, name), float if name == "sweep" else int)
@@ -354,150 +284,192 @@ def parse_list(text, typ=int):
     return [typ(x) for x in text.split(",") if x.strip()]
 
 
-def load_policy(path, device):
-    """(model, checkpoint dict, task, tokenizer) from a train.py or reason_rl.py checkpoint."""
-    ck = load_checkpoint(path)
-    model = GPT(config_from_dict(ck["model_config"]))
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}")
-    name = ck.get("dataset") or "reasoning"
-    if name == "reasoning":
-        data_dir, meta = ensure_dataset(SimpleNamespace(dataset=name), master=True)
-    else:
-        data_dir = dataset_dir(name)
-        meta = load_meta(data_dir)
-    if meta.get("kind") != "reasoning":
-        raise UserError(f"{path} was trained on {name}, not on a reasoning corpus: RL needs the task checker")
-    task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["task"].items()})
-    try:
-        tok = load_tokenizer(meta["tokenizer"], data_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise UserError(str(e))
-    return model.to(device), ck, task, tok
+@dataclass
+class Policy:
+    """The model RL improves, with what it was trained on and how long its answers may be."""
+    model: torch.nn.Module
+    ckpt: dict
+    data: object        # data.loader.Dataset: tokenizer and task
+    max_new: int        # tokens a rollout may generate
+    targets: list       # l1: the target lengths written in training prompts (else None)
 
 
-def run(cfg, explicit, start_eval=None):
-    check_config(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        saved = load_checkpoint(ckpt_path)
-        if "rl" not in saved:
-            raise UserError(f"{ckpt_path} is not a reason_rl.py checkpoint; use --init_from to start from it")
-        cfg = RLConfig(**{**saved["config"], "resume": True, "overwrite": False, "stop_after": 0,
-                          **{k: getattr(cfg, k) for k in explicit}})
-        check_config(cfg)
-    elif not cfg.eval_only and os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
-                        f"or --overwrite to replace it")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg)
-    ctx, dtype_name = autocast_for(device, cfg.dtype)
-    model, start_ck, task, tok = load_policy(ckpt_path if cfg.resume else cfg.init_from, device)
-    if cfg.eval_only:
-        e = evaluate(model, tok, task, cfg, device, ctx)
-        print(format_table(e["rows"]) + "\n" + eval_line(e))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(e, f, indent=1)
-        return e
-
-    torch.manual_seed(cfg.seed)
-    prompt_rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device.split(":")[0] if device.startswith("cuda") else "cpu")
-    gen.manual_seed(cfg.seed)
-    levels = parse_list(cfg.levels) or list(task.levels)
-    if any(lv not in task.levels for lv in levels):
-        raise UserError(f"--levels {cfg.levels}: the corpus has levels {list(task.levels)}")
+def load_policy(path, cfg, env):
+    """Any checkpoint the project writes, on the task corpus it was trained on."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a model directory: fine-tune it on a task corpus with train.py --init_from "
+                        f"first, then start RL from that checkpoint")
+    model, ck = load_model(path)
+    data = open_dataset(ck.get("dataset") or "reasoning")
+    if data.task is None:
+        raise UserError(f"{path} was trained on {data.name}, not on a task corpus: RL needs the task checker")
     targets = parse_list(cfg.l1_targets) if cfg.length_reward == "l1" else None
-    widest = [(10 ** LEVELS[lv][1][1] - 1,) * LEVELS[lv][0] for lv in task.levels]  # the longest prompt per level
-    longest = max(len(tok.encode(prompt_text(p, budget=max(targets) if targets else None), bos=True)) for p in widest)
+    longest = longest_prompt(data.tok, data.task, budget=max(targets) if targets else None)
     room = model.config.block_size - longest - 2
     max_new = min(cfg.max_new_tokens, room) if cfg.max_new_tokens else room
     if max_new < 8:
         raise UserError(f"the model's block_size {model.config.block_size} leaves {max_new} tokens to answer in")
+    return Policy(model.to(env.device), ck, data, max_new, targets)
 
-    ref = None
-    if cfg.kl_coef:
-        ref = GPT(model.config).to(device)
-        ref.load_state_dict(start_ck["rl"]["ref"] if cfg.resume else model.state_dict())
-        ref.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step, history = 0, {}
-    if cfg.resume:
-        rl = start_ck["rl"]
-        optimizer.load_state_dict(start_ck["optimizer"])
-        step, history = start_ck["step"], rl["history"]
-        set_rng_state(start_ck["rng"], 0, device)
-        prompt_rng.setstate(_to_tuple(rl["prompt_rng"]))
+
+def evaluate(policy, cfg, env):
+    """Greedy accuracy and mean tokens per level on the held-out test problems (untagged prompts)."""
+    budget = cfg.l1_eval_target if cfg.length_reward == "l1" else None
+    return untagged_summary(policy.model, policy.data.tok, policy.data.task, env.device, cfg.eval_problems,
+                            env.autocast(), budget)
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class RLState:
+    """Everything the loop changes, and everything --resume restores."""
+    optimizer: torch.optim.Optimizer
+    ref: torch.nn.Module        # the start model for the KL term, or None
+    prompt_rng: random.Random
+    gen: torch.Generator
+    levels: list
+    step: int = 0
+    history: dict = None
+    log: object = None
+
+
+def start_state(policy, cfg, env, resumed):
+    model, task = policy.model, policy.data.task
+    levels = parse_list(cfg.levels) or list(task.levels)
+    if any(lv not in task.levels for lv in levels):
+        raise UserError(f"--levels {cfg.levels}: the corpus has levels {list(task.levels)}")
+    runtime.seed_everything(cfg.seed)
+    ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.kl_coef else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=env.device.split(":")[0] if env.device.startswith("cuda") else "cpu")
+    st = RLState(optimizer, ref, random.Random(cfg.seed), gen.manual_seed(cfg.seed), levels, history={})
+    if resumed:
+        ck, rl = policy.ckpt, policy.ckpt["rl"]
+        optimizer.load_state_dict(ck["optimizer"])
+        if ref is not None:
+            ref.load_state_dict(rl["ref"])
+        st.step, st.history = ck["step"], rl["history"]
+        runtime.set_rng_state(ck["rng"], 0, env.device)
+        st.prompt_rng.setstate(runtime._as_tuple(rl["prompt_rng"]))
         gen.set_state(rl["generator"])
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = _open_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if cfg.resume else None)
-    t_start = time.perf_counter()
-    if "start" not in history:
-        history["start"] = start_eval or evaluate(model, tok, task, cfg, device, ctx)
-        print(f"start  | {eval_line(history['start'])}", flush=True)
+    st.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), st.step if resumed else None)
+    return st
 
-    def checkpoint():
-        rl = dict(history=history, prompt_rng=prompt_rng.getstate(), generator=gen.get_state(),
-                  ref=ref.state_dict() if ref is not None else None)
-        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                        config=asdict(cfg), model_config=asdict(model.config),
-                                        rng=[rng_state(device)], dataset=start_ck.get("dataset", "reasoning"),
-                                        rl=rl))
 
+def save_rl(policy, st, cfg, env):
+    rl = dict(history=st.history, prompt_rng=st.prompt_rng.getstate(), generator=st.gen.get_state(),
+              ref=st.ref.state_dict() if st.ref is not None else None)
+    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
+                    {**model_state(policy.model), "optimizer": st.optimizer.state_dict(), "step": st.step,
+                     "config": asdict(cfg), "rng": [runtime.rng_state(env.device)],
+                     "dataset": policy.ckpt.get("dataset", "reasoning"), "rl": rl})
+
+
+def rl_step(policy, st, cfg, env):
+    """Rollouts, rewards, one update; returns the step's metrics."""
+    t0 = time.perf_counter()
+    model, ctx = policy.model, env.autocast()
+    problems = [sample_problems(st.prompt_rng.choice(st.levels), "train", 1, st.prompt_rng)[0]
+                for _ in range(cfg.prompts_per_step)]
+    budget = [st.prompt_rng.choice(policy.targets) for _ in problems] if policy.targets else None
+    samples = rollout(model, policy.data.tok, problems, cfg, policy.max_new, st.gen, ctx, budget)
+    scale = min(1.0, (st.step + 1) / cfg.penalty_warmup) if cfg.penalty_warmup else 1.0
+    flat = score(samples, cfg, scale)
+    t_gen = time.perf_counter() - t0
     model.train()
+    loss = update(model, st.ref, st.optimizer, samples, cfg, policy.max_new, env.device, ctx)
+    st.step += 1
+    return dict(step=st.step, loss=loss, **step_metrics(samples, flat), gen_s=t_gen, s=time.perf_counter() - t0)
+
+
+def print_step(m, cfg):
+    print(f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {100 * m['accuracy']:.0f}% | "
+          f"len ok/wrong {_f(m['len_correct'])}/{_f(m['len_wrong'])} | trunc {100 * m['truncated']:.0f}% | "
+          f"flat {100 * m['zero_variance_groups']:.0f}% | tok/correct {_f(m['tokens_per_correct'])} | " +
+          "/".join(f"{st[0]}{100 * v:.0f}" for st, v in m["styles"].items()) + f" | {m['s']:.1f}s", flush=True)
+
+
+def train_rl(policy, st, cfg, env):
+    policy.model.train()
     last = cfg.stop_after or cfg.steps
-    while step < last:
-        t0 = time.perf_counter()
-        problems = [sample_problems(prompt_rng.choice(levels), "train", 1, prompt_rng)[0]
-                    for _ in range(cfg.prompts_per_step)]
-        budget = [prompt_rng.choice(targets) for _ in problems] if targets else None
-        samples = rollout(model, tok, problems, cfg, max_new, gen, ctx, budget)
-        scale = min(1.0, (step + 1) / cfg.penalty_warmup) if cfg.penalty_warmup else 1.0
-        flat = score(samples, cfg, scale)
-        t_gen = time.perf_counter() - t0
-        model.train()
-        loss = update(model, ref, optimizer, samples, cfg, max_new, device, ctx)
-        step += 1
-        m = dict(step=step, loss=loss, **step_metrics(samples, flat), gen_s=t_gen, s=time.perf_counter() - t0)
-        metrics.write(json.dumps(m) + "\n")
-        metrics.flush()
-        print(f"step {step:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {100 * m['accuracy']:.0f}% | "
-              f"len ok/wrong {_f(m['len_correct'])}/{_f(m['len_wrong'])} | trunc {100 * m['truncated']:.0f}% | "
-              f"flat {100 * flat:.0f}% | tok/correct {m['tokens_per_correct']:.0f} | " +
-              "/".join(f"{st[0]}{100 * v:.0f}" for st, v in m["styles"].items()) +
-              f" | {m['s']:.1f}s", flush=True)
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
-            e = evaluate(model, tok, task, cfg, device, ctx)
-            history[f"step_{step}"] = e
-            metrics.write(json.dumps(dict(step=step, eval=_brief(e))) + "\n")
-            print(f"eval {step} | {eval_line(e)}", flush=True)
-            checkpoint()
-    if step < cfg.steps:  # --stop_after: save, and let --resume finish the run
-        checkpoint()
-        metrics.close()
-        print(f"stopped at step {step}: --resume continues -> {ckpt_path}")
-        return None
-    history["end"] = evaluate(model, tok, task, cfg, device, ctx)
-    checkpoint()
-    start, end = history["start"], history["end"]
+    while st.step < last:
+        m = rl_step(policy, st, cfg, env)
+        st.log.write(m)
+        print_step(m, cfg)
+        if cfg.eval_interval and st.step % cfg.eval_interval == 0 and st.step < cfg.steps:
+            e = evaluate(policy, cfg, env)
+            st.history[f"step_{st.step}"] = e
+            st.log.write(dict(step=st.step, eval=_brief(e)))
+            print(f"eval {st.step} | {summary_line(e)}", flush=True)
+            save_rl(policy, st, cfg, env)
+
+
+def finish_rl(policy, st, cfg, env, t_start):
+    """The end evaluation, the checkpoint and summary.json."""
+    st.history["end"] = evaluate(policy, cfg, env)
+    save_rl(policy, st, cfg, env)
+    start, end = st.history["start"], st.history["end"]
     summary = dict(config=asdict(cfg), start=_brief(start), end=_brief(end), seconds=time.perf_counter() - t_start,
                    token_change=end["mean_tokens"] / start["mean_tokens"] - 1,
                    accuracy_change=end["accuracy"] - start["accuracy"],
-                   tokens_per_correct_change=end["tokens_per_correct"] / start["tokens_per_correct"] - 1)
+                   tokens_per_correct_change=_ratio(end["tokens_per_correct"], start["tokens_per_correct"]))
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    metrics.write(json.dumps(dict(step=step, final=True, eval=_brief(end))) + "\n")
-    metrics.close()
+    st.log.write(dict(step=st.step, final=True, eval=_brief(end)))
+    st.log.close()
     print(format_table(end["rows"]))
-    print(f"end    | {eval_line(end)}")
+    print(f"end    | {summary_line(end)}")
+    per_right = summary["tokens_per_correct_change"]
     print(f"tokens {100 * summary['token_change']:+.1f}% | accuracy {100 * summary['accuracy_change']:+.1f} points | "
-          f"tokens per correct answer {100 * summary['tokens_per_correct_change']:+.1f}% | "
+          f"tokens per correct answer {'-' if per_right is None else f'{100 * per_right:+.1f}%'} | "
           f"{summary['seconds']:.0f}s -> {cfg.out_dir}")
     return summary
+
+
+def rl_config(cfg, explicit):
+    """The run's config (a resumed run's saved one with the flags given now on top) and whether it resumes."""
+    check_config(cfg)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        saved = load_checkpoint(path)
+        if "rl" not in saved:
+            raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
+        cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
+                            reset=("stop_after",))
+        check_config(cfg)
+    elif not cfg.eval_only:
+        refuse_existing(cfg.out_dir, cfg.overwrite)
+    return cfg
+
+
+def run(cfg, explicit, start_eval=None):
+    cfg = rl_config(cfg, explicit)
+    env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False)
+    policy = load_policy(os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from, cfg, env)
+    if cfg.eval_only:
+        e = evaluate(policy, cfg, env)
+        print(format_table(e["rows"]) + "\n" + summary_line(e))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(e, f, indent=1)
+        return e
+    st = start_state(policy, cfg, env, cfg.resume)
+    t_start = time.perf_counter()
+    print(f"policy {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} trainable parameters | "
+          f"{env.device} {env.dtype} | up to {policy.max_new} new tokens | task levels {list(policy.data.task.levels)}")
+    if "start" not in st.history:
+        st.history["start"] = start_eval or evaluate(policy, cfg, env)
+        print(f"start  | {summary_line(st.history['start'])}", flush=True)
+    train_rl(policy, st, cfg, env)
+    if st.step < cfg.steps:  # --stop_after: save, and let --resume finish the run
+        save_rl(policy, st, cfg, env)
+        st.log.close()
+        print(f"stopped at step {st.step}: --resume continues -> {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+        return None
+    return finish_rl(policy, st, cfg, env, t_start)
 
 
 def _brief(e):
@@ -506,25 +478,16 @@ def _brief(e):
                           for r in e["rows"]})
 
 
+def _ratio(a, b):
+    return None if a is None or b is None else a / b - 1
+
+
 def _f(x):
     return "-" if x is None else f"{x:.0f}"
 
 
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _open_metrics(path, resume_step):
-    """metrics.jsonl: a fresh run starts it anew; a resumed one keeps the records up to its step."""
-    if resume_step is not None and os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                    and not json.loads(line).get("final")]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-        return open(path, "a")
-    return open(path, "w")
+def _num(x):
+    return "-" if x is None else f"{x:.1f}"
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -547,22 +510,7 @@ def sweep(cfg, explicit):
         s = run(sub, explicit, start_eval=start)
         start = start or _load_start(d)
         results.append(dict(length_reward=name, alpha=a, **s["end"], seconds=s["seconds"], start=s["start"]))
-    base = results[0]
-    lines = ["| objective | alpha | accuracy | mean tokens | tokens/correct | vs no-length tokens/correct | "
-             + " | ".join(f"L{lv} acc/tokens" for lv in base["by_level"]) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(base["by_level"])]
-    first = results[0]["start"]
-    lines.append(f"| start checkpoint | - | {100 * first['accuracy']:.1f}% | {first['mean_tokens']:.1f} | "
-                 f"{first['tokens_per_correct']:.1f} | - | " +
-                 " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in first["by_level"].values())
-                 + " |")
-    for r in results:
-        rel = r["tokens_per_correct"] / base["tokens_per_correct"] - 1
-        lines.append(f"| {r['length_reward']} | {r['alpha']:g} | {100 * r['accuracy']:.1f}% | {r['mean_tokens']:.1f}"
-                     f" | {r['tokens_per_correct']:.1f} | {100 * rel:+.0f}% | " +
-                     " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in r["by_level"].values())
-                     + " |")
-    table = "\n".join(lines)
+    table = sweep_table(results)
     with open(os.path.join(cfg.out_dir, "sweep.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(cfg.out_dir, "sweep.json"), "w") as f:
@@ -570,6 +518,26 @@ def sweep(cfg, explicit):
     print(table)
     _plot(results, os.path.join(cfg.out_dir, "sweep.png"))
     return results
+
+
+def sweep_table(results):
+    """The markdown table of a sweep: the start checkpoint, then one row per run."""
+    base = results[0]
+    lines = ["| objective | alpha | accuracy | mean tokens | tokens/correct | vs no-length tokens/correct | "
+             + " | ".join(f"L{lv} acc/tokens" for lv in base["by_level"]) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(base["by_level"])]
+    first = results[0]["start"]
+    lines.append(f"| start checkpoint | - | {100 * first['accuracy']:.1f}% | {first['mean_tokens']:.1f} | "
+                 f"{_num(first['tokens_per_correct'])} | - | " +
+                 " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in first["by_level"].values())
+                 + " |")
+    for r in results:
+        rel = _ratio(r["tokens_per_correct"], base["tokens_per_correct"])
+        lines.append(f"| {r['length_reward']} | {r['alpha']:g} | {100 * r['accuracy']:.1f}% | {r['mean_tokens']:.1f}"
+                     f" | {_num(r['tokens_per_correct'])} | {'-' if rel is None else f'{100 * rel:+.0f}%'} | " +
+                     " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in r["by_level"].values())
+                     + " |")
+    return "\n".join(lines)
 
 
 def _load_start(d):

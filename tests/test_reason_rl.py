@@ -12,7 +12,8 @@ from data.prepare import prepare_reasoning
 from data.tasks import TaskConfig
 from model import GPT, GPTConfig
 from config import UserError
-from train import parse_config, save_checkpoint
+from checkpoint import save_checkpoint
+from config import parse_config
 
 sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
 
@@ -253,3 +254,78 @@ def test_sweep_runs_the_baseline_and_each_strength_and_writes_the_table(tiny_ckp
     assert table[3].startswith("| none | 0 |") and table[4].startswith("| kimi | 0.5 |")
     with pytest.raises(UserError, match="already holds a run"):  # a second sweep never replaces the first
         rl.sweep(*parse_config(rl.RLConfig, argv))
+
+
+# ----------------------------------------------------------------------------- every kind of checkpoint
+
+def _tiny_model(vocab, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=48, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, rope_heads=1))
+
+
+def _make_kind(kind, vocab):
+    """A tiny model as each writer of checkpoints leaves it: QAT's fake-quant layers, PTQ's converted int4
+    layers, LoRA adapters over each kind of frozen base."""
+    import lora
+    import quant
+    m = _tiny_model(vocab)
+    if kind == "qat":
+        quant.quantize_(m, "w4g32")
+    elif kind == "ptq_int4":
+        quant.convert_(quant.apply_ptq_(m, "rtn", "w4g32"))
+    elif kind.startswith("lora_"):
+        lora.add_lora_(m, 4, 8.0, base=kind.removeprefix("lora_"))
+    return m
+
+
+CKPT_KINDS = ["float", "qat", "ptq_int4", "lora_float", "lora_int4g32", "lora_nf4g32", "lora_nf4g32-dq"]
+
+
+@pytest.fixture(scope="module")
+def every_kind(tmp_path_factory):
+    """{kind: checkpoint path}: one per kind on the addition corpus, and a float one on subtraction."""
+    from checkpoint import model_state
+    from data.tasks import subtraction_task
+    d = tmp_path_factory.mktemp("kinds")
+    corpora = {"add": str(d / "add"), "sub": str(d / "sub")}
+    prepare_reasoning(corpora["add"], TaskConfig(train_examples=200, val_examples=40, test_per_level=2),
+                      verbose=False)
+    prepare_reasoning(corpora["sub"], subtraction_task(train_examples=200, val_examples=40, test_per_level=2),
+                      verbose=False)
+    vocab = json.load(open(os.path.join(corpora["add"], "meta.json")))["vocab_size"]
+    paths = {}
+    for kind in CKPT_KINDS + ["subtraction"]:
+        m = _make_kind("float" if kind == "subtraction" else kind, vocab)
+        paths[kind] = str(d / f"{kind}.pt")
+        save_checkpoint(paths[kind], {**model_state(m), "dataset": corpora["sub" if kind == "subtraction" else "add"]})
+    return paths
+
+
+@pytest.mark.parametrize("kind", CKPT_KINDS + ["subtraction"])
+def test_every_kind_of_checkpoint_evaluates_in_reason_rl_and_train(every_kind, kind, tmp_path, capsys):
+    levels = {"subtraction": {5, 6}}.get(kind, {1, 2, 3, 4})
+    e = rl.run(*parse_config(rl.RLConfig, ["--eval_only", "--init_from", every_kind[kind], "--eval_problems", "2",
+                                           "--threads", "1", "--out_dir", str(tmp_path / "rl")]))
+    assert {r["level"] for r in e["rows"]} == levels
+    import train
+    train.main(["--eval_only", "--init_from", every_kind[kind], "--final_problems", "1", "--eval_iters", "1",
+                "--batch_size", "2", "--samples", "0", "--threads", "1", "--out_dir", str(tmp_path / "tr")])
+    result = json.load(open(tmp_path / "tr" / "eval.json"))
+    assert {r["level"] for r in result["rows"]} == levels and math.isfinite(result["val_loss"])
+
+
+@pytest.mark.parametrize("kind", ["ptq_int4", "lora_nf4g32", "subtraction"])
+def test_rl_trains_from_quantized_adapter_and_subtraction_checkpoints(every_kind, kind, tmp_path, parity_reward):
+    from checkpoint import load_model
+    out = str(tmp_path / "run")
+    rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", every_kind[kind], "--out_dir", out, "--steps", "2"]))
+    before, _ = load_model(every_kind[kind])
+    after, ck = load_model(os.path.join(out, "ckpt.pt"))  # the RL checkpoint rebuilds the same kind of model
+    b, a = before.state_dict(), after.state_dict()
+    assert b.keys() == a.keys()
+    changed = {k for k in b if not torch.equal(a[k], b[k])}
+    assert changed, "two updates changed nothing"
+    if kind == "lora_nf4g32":  # only the adapters train; the frozen 4-bit base and the rest stay as they were
+        assert all("lora_" in k for k in changed), changed
+    if kind == "ptq_int4":  # the packed int4 weights are buffers: they never change
+        assert not any(k.endswith(("packed", "scales", "zeros")) for k in changed)
