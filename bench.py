@@ -20,6 +20,10 @@ import time
 
 import torch
 
+import runtime
+from config import TrainConfig, UserError
+from files import atomic_write
+
 SECTIONS = {}  # name -> function(args) -> list of row dicts
 
 
@@ -35,14 +39,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_times(fns, device="cpu", warmup=1, iters=5):
-    """Median wall time of each of fns, timed in alternating rounds so that a machine whose speed drifts (a shared
-    VM) weighs on each alike."""
+def alternating_medians(fns, device="cpu", rounds=5, warmup=1):
+    """{name: median seconds per call} of each fn in the dict, timed in alternating rounds after `warmup`
+    untimed rounds, so that a machine whose speed drifts (a shared VM) weighs on each alike."""
     for _ in range(warmup):
-        for fn in fns:
+        for fn in fns.values():
             fn()
-    rounds = [[median_time(fn, device, warmup=0, iters=1) for fn in fns] for _ in range(iters)]
-    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(median_time(fn, device, warmup=0, iters=1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_peak(fn, device, resident=(), total=False):
+    """(peak MiB of tensors during one call of fn, peak RSS growth in MiB or None): over the tensors live
+    before the call, or with total=True including them; the CUDA allocator's figures, or on CPU live tensors
+    counted at the dispatcher (memory.TensorPeak, seeded with `resident`) and the growth of the process's RSS."""
+    import memory
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        base = 0 if total else torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, None
+    rss0 = memory.reset_rss_peak()
+    with memory.TensorPeak(resident) as tp:
+        start = 0 if total else tp.now
+        fn()
+    return (tp.peak - start) / 2 ** 20, memory.rss_peak_mb() - rss0
 
 
 def median_time(fn, device="cpu", warmup=2, iters=5):
@@ -113,13 +138,21 @@ def main(argv=None):
     p.add_argument("sections", nargs="*", help=f"which sections (default: all): {', '.join(SECTIONS)}")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
+                   help="the precision of ours in the train, qat, lora and memory sections (auto: train.py's)")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (for tests)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        args.dtype = runtime.resolve_dtype(args.device, args.dtype)
+    except UserError as e:
+        p.error(str(e))
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    env = environment()
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist; create it or give another path")
+    env = dict(environment(), dtype=args.dtype)
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
     rows = []
     for name in args.sections or list(SECTIONS):
@@ -128,8 +161,7 @@ def main(argv=None):
         print()
         rows += new
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, rows=rows), f, indent=1)
+        atomic_write(args.json, lambda f: json.dump(dict(env=env, rows=rows), f, indent=1), "w")
     return rows
 
 
@@ -138,27 +170,9 @@ def main(argv=None):
 # (sections are added below by the modules' issues: train, generate, matmul, adam, ...)
 
 
-def reset_peak_memory(device):
-    """Start a new peak: CUDA allocator statistics on GPU, the process's peak RSS (VmHWM) on Linux CPUs."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-
-
-def peak_memory_mb(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
 def default_model_config(vocab_size=259):
     """The model `python train.py` trains (its TrainConfig defaults), for a byte-level vocabulary."""
     from model import GPTConfig
-    from train import TrainConfig
     d = TrainConfig()
     return GPTConfig(block_size=d.block_size, vocab_size=vocab_size, n_layer=d.n_layer, n_head=d.n_head,
                      n_embd=d.n_embd, rope_heads=d.rope_heads, bias=d.bias), d.batch_size
@@ -178,44 +192,50 @@ def train_step(model, opt, x, ctx):
 @section("train")
 def bench_train(args):
     """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens, in the
-    precision train.py's `--dtype auto` picks here (bf16 autocast on CUDA and on AMX CPUs) against fp32."""
+    precision of --dtype (auto: what train.py picks here, bf16 autocast on CUDA and on CPUs with native bf16)
+    against the same step in fp32, in alternating rounds."""
     from model import GPT, GPTConfig
-    from train import autocast_for
     cuda = args.device.startswith("cuda")
     default, default_batch = default_model_config()
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
-    if args.quick:
-        gpt2 = GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=12, n_embd=768)
-    configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-small-2layer",
+    if args.quick:  # (tiny: CPUs without native bf16 emulate it some 10-50x slower than fp32)
+        default.block_size, default_batch = 64, 4
+        gpt2 = GPTConfig(block_size=64, vocab_size=2048, n_layer=2, n_head=4, n_embd=128)
+    configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-tiny",
                                                      gpt2, 8 if cuda else 1)]
-    ctx, dtype_name = autocast_for(args.device, "auto", cpu_bf16=True)
     rows = []
     for name, cfg, batch in configs:
-        torch.manual_seed(0)
-        model = GPT(cfg).to(args.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
-        iters = 10 if cuda else 2 if args.quick or name != "default" else 7
-        step = train_step(model, opt, x, ctx)
-        step()  # (the optimizer's state is made here)
-        reset_peak_memory(args.device)
-        step()
-        peak = peak_memory_mb(args.device)  # ours alone (on CPU the process's peak so far)
-        if dtype_name == "float32":
-            t, t32 = median_time(step, args.device, warmup=0, iters=iters), None
-        else:  # against the same step in fp32, in alternating rounds
-            t, t32 = median_times([step, train_step(model, opt, x, contextlib.nullcontext())], args.device,
-                                  warmup=1, iters=iters)
-        tps = batch * cfg.block_size / t
-        mfu = model.estimate_mfu(tps, cfg.block_size, args.device)
-        shape = f"{model.get_num_params() / 1e6:.1f}M params, {batch}x{cfg.block_size} tokens"
-        what = f"{dtype_name} vs float32" if t32 else dtype_name
-        rows.append(row("train", f"{name} throughput, {what} ({shape})", tps,
-                        batch * cfg.block_size / t32 if t32 else None, unit="tok/s", mfu=mfu, ms_per_step=1e3 * t))
-        rows.append(row("train", f"{name} peak memory, {dtype_name}", peak, unit="MiB",
-                        higher_is_better=False, measured="CUDA allocator peak" if cuda else "peak RSS of the process"))
-        del model, opt
+        rows += _train_rows(args, name, GPT(cfg).to(args.device), batch)
     return rows
+
+
+def _train_rows(args, name, model, batch):
+    import memory
+    torch.manual_seed(0)
+    cfg, cuda, dtype = model.config, args.device.startswith("cuda"), args.dtype
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
+    rounds = 10 if cuda else 2 if args.quick or name != "default" else 7
+    steps = {dtype: train_step(model, opt, x, runtime.autocast(args.device, dtype))}
+    steps[dtype]()  # (the optimizer's state is made here)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        memory.reset_rss_peak()
+    steps[dtype]()
+    peak = memory.peak_memory_mb(args.device)  # ours alone (on CPU the process's peak RSS since the reset)
+    if dtype != "float32":
+        steps["float32"] = train_step(model, opt, x, contextlib.nullcontext())
+    t = alternating_medians(steps, args.device, rounds, warmup=int(dtype != "float32"))
+    tps = batch * cfg.block_size / t[dtype]
+    t32 = t.get("float32") if dtype != "float32" else None
+    mfu = model.estimate_mfu(tps, cfg.block_size, args.device)
+    shape = f"{model.get_num_params() / 1e6:.1f}M params, {batch}x{cfg.block_size} tokens"
+    what = f"{dtype} vs float32" if t32 else dtype
+    return [row("train", f"{name} throughput, {what} ({shape})", tps, batch * cfg.block_size / t32 if t32 else None,
+                unit="tok/s", mfu=mfu, ms_per_step=1e3 * t[dtype]),
+            row("train", f"{name} peak memory, {dtype}", peak, unit="MiB", higher_is_better=False,
+                measured="CUDA allocator peak" if cuda else "peak RSS of the process")]
 
 
 @section("generate")
@@ -317,25 +337,19 @@ def bench_qat(args):
     cfg, batch = default_model_config()
     specs = ("w4g32", "w4a8g32", "w4g32-lsq")
     if args.quick:
-        cfg.n_layer, batch, specs = 1, 4, ("w4g32",)
-    cuda = args.device.startswith("cuda")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        cfg.n_layer, cfg.block_size, batch, specs = 1, 64, 4, ("w4g32",)
+    ctx = runtime.autocast(args.device, args.dtype)
     torch.manual_seed(0)
     base = GPT(cfg).to(args.device)
     models = {"float": base, **{s: quant.quantize_(copy.deepcopy(base), s) for s in specs}}
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
 
     steps = {k: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, ctx) for k, m in models.items()}
-    times = {k: [] for k in steps}
-    for r in range(1 + (3 if args.quick else 10)):  # round 0 is the untimed warm-up
-        for k, step in steps.items():
-            t = median_time(step, args.device, warmup=0, iters=1)
-            if r:
-                times[k].append(t)
-    t_float = statistics.median(times["float"])
+    times = alternating_medians(steps, args.device, 3 if args.quick else 10)
+    t_float = times["float"]
     rows = []
     for s in specs:
-        t = statistics.median(times[s])
+        t = times[s]
         rows.append(row("qat", f"{s} fake-quant step vs float step ({batch}x{cfg.block_size} tokens)", 1e3 * t,
                         1e3 * t_float, "ms", higher_is_better=False, overhead=t / t_float))
     return rows
@@ -352,7 +366,6 @@ def bench_lora(args):
     (rss_growth_mib: gradients, activations and temporaries; all four models live in the one process, so the
     total RSS is not per variant). Step times are medians of steps that alternate between the variants."""
     import lora
-    import memory
     import optim
     from model import GPT, GPTConfig
     dev, cuda, s = args.device, args.device.startswith("cuda"), "lora"
@@ -360,7 +373,7 @@ def bench_lora(args):
         (8 if cuda else 1), 16, (5 if cuda else 3)
     if args.quick:
         cfg, rank, rounds = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=64), 4, 1
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    ctx = runtime.autocast(dev, args.dtype)
     gen = torch.Generator(dev).manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev, generator=gen)
 
@@ -381,21 +394,8 @@ def bench_lora(args):
         steps[k]()  # the optimizer's state exists from here on
         resident = [*model.parameters(), *model.buffers(),
                     *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))]
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            steps[k]()
-            peaks[k] = (torch.cuda.max_memory_allocated() / 2 ** 20, None)
-        else:
-            rss0 = memory.reset_rss_peak()
-            with memory.TensorPeak(resident) as tp:
-                steps[k]()
-            peaks[k] = (tp.peak / 2 ** 20, memory.rss_peak_mb() - rss0)
-    times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            times[k].append(median_time(fn, dev, warmup=0, iters=1))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        peaks[k] = measure_peak(steps[k], dev, resident, total=True)
+    ms = {k: 1e3 * t for k, t in alternating_medians(steps, dev, rounds, warmup=0).items()}
     full = "full FT, fp32 AdamW"
     n_params = sum(p.numel() for p in variants[full][0].parameters())
     shape = f"{n_params / 1e6:.0f}M params, {batch}x{cfg.block_size} tokens, rank {rank}"
@@ -420,53 +420,30 @@ def bench_memory(args):
     parts they shrink, measured alone: the loss step (lm_head + cross-entropy, forward and backward) and the
     blocks' activation memory (the peak of a forward and backward over weights, gradients and optimizer state,
     with gradients already allocated and the tied embedding frozen, so what is left is activations). Memory is
-    the peak of live tensors over those already resident: the CUDA allocator's, or on CPU counted at the
-    dispatcher (memory.TensorPeak); on CPU the growth of the process's peak RSS is reported beside it (rss_mib).
-    Times are medians of steps that alternate between the options, so drift on a shared machine hits all alike."""
-    import memory
-    from kernels import linear_cross_entropy
+    the peak of live tensors over those already resident (measure_peak); on CPU the growth of the process's peak
+    RSS is reported beside it (rss_mib). Times are medians of steps that alternate between the options."""
     from model import GPT, GPTConfig
-    import torch.nn.functional as F
-    dev, cuda, s = args.device, args.device.startswith("cuda"), "memory"
+    cuda = args.device.startswith("cuda")
     cfg = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
     batch, rounds = (8 if cuda else 1), (5 if cuda else 2)
     if args.quick:
         cfg, rounds = GPTConfig(block_size=256, vocab_size=8192, n_layer=2, n_head=4, n_embd=128), 1
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    shape = f"{cfg.n_layer}x{cfg.n_embd}, vocab {cfg.vocab_size}, {batch}x{cfg.block_size} tokens"
     torch.manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=dev)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
+    model = GPT(cfg).to(args.device)
+    opts = dict(device=args.device, ctx=runtime.autocast(args.device, args.dtype), rounds=rounds)
+    return (_memory_step_rows(model, x, **opts) + _memory_loss_rows(model, x, **opts)
+            + _memory_trunk_rows(model, x, **opts))
 
-    def measure(fn, resident):
-        """(peak MiB of tensors over the resident ones, peak RSS growth in MiB on CPU) of one call of fn."""
-        if cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, None
-        rss0 = memory.reset_rss_peak()
-        with memory.TensorPeak(resident) as tp:
-            start = tp.now
-            fn()
-        return (tp.peak - start) / 2 ** 20, memory.rss_peak_mb() - rss0
 
-    def timed(fns):
-        """Median seconds per call of each fn, calls alternating; one untimed round first."""
-        times = {k: [] for k in fns}
-        for r in range(rounds + 1):
-            for k, fn in fns.items():
-                t = median_time(fn, dev, warmup=0, iters=1)
-                if r:
-                    times[k].append(t)
-        return {k: statistics.median(v) for k, v in times.items()}
-
-    # a training step as train.py takes it, with each option
-    options = {"plain": (0, False), "grad_ckpt": (1, False), "chunked_loss": (0, True), "both": (1, True)}
-    model = GPT(cfg).to(dev)
+def _memory_step_rows(model, x, device, ctx, rounds):
+    """A training step as train.py takes it, with each option."""
+    from kernels import linear_cross_entropy
+    c = model.config
+    shape = f"{c.n_layer}x{c.n_embd}, vocab {c.vocab_size}, {x.shape[0]}x{x.shape[1]} tokens"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def train_step(every, chunked):
+    def step_with(every, chunked):
         def step():
             model.grad_ckpt_every = every
             with ctx:
@@ -476,23 +453,30 @@ def bench_memory(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    steps = {k: train_step(*v) for k, v in options.items()}
+    options = {"plain": (0, False), "grad_ckpt": (1, False), "chunked_loss": (0, True), "both": (1, True)}
+    steps = {k: step_with(*v) for k, v in options.items()}
     steps["plain"]()  # the optimizer's state exists from here on
     resident = [*model.parameters(), *(t for st in opt.state.values() for t in st.values())]
-    peaks = {k: measure(fn, resident) for k, fn in steps.items()}
-    times = timed(steps)
+    peaks = {k: measure_peak(fn, device, resident) for k, fn in steps.items()}
+    times = alternating_medians(steps, device, rounds)
     rows = []
     for k in ("grad_ckpt", "chunked_loss", "both"):
-        rows.append(row(s, f"train step peak memory, {k} vs plain ({shape})", peaks[k][0], peaks["plain"][0],
-                        "MiB", higher_is_better=False, rss_mib=peaks[k][1], plain_rss_mib=peaks["plain"][1]))
-        rows.append(row(s, f"train step tokens/s, {k} vs plain", x.numel() / times[k], x.numel() / times["plain"],
-                        "tok/s", step_time_ratio=times[k] / times["plain"]))
+        rows.append(row("memory", f"train step peak memory, {k} vs plain ({shape})", peaks[k][0],
+                        peaks["plain"][0], "MiB", higher_is_better=False, rss_mib=peaks[k][1],
+                        plain_rss_mib=peaks["plain"][1]))
+        rows.append(row("memory", f"train step tokens/s, {k} vs plain", x.numel() / times[k],
+                        x.numel() / times["plain"], "tok/s", step_time_ratio=times[k] / times["plain"]))
     opt.state.clear()  # its memory is not needed below
+    model.grad_ckpt_every = 0
+    return rows
 
-    # the loss step alone: lm_head + cross-entropy on the final hidden states, forward and backward
-    w = model.lm_head.weight
-    h = torch.randn(batch * cfg.block_size, cfg.n_embd, device=dev, requires_grad=True)
-    t = x.view(-1)
+
+def _memory_loss_rows(model, x, device, ctx, rounds):
+    """The loss step alone: lm_head + cross-entropy on the final hidden states, forward and backward."""
+    import torch.nn.functional as F
+    from kernels import linear_cross_entropy
+    w, t = model.lm_head.weight, x.view(-1)
+    h = torch.randn(x.numel(), model.config.n_embd, device=device, requires_grad=True)
 
     def loss_step(chunked):
         def step():
@@ -502,18 +486,20 @@ def bench_memory(args):
             loss.backward()
             w.grad = h.grad = None
         return step
-    loss_steps = {"full": loss_step(False), "chunked": loss_step(True)}
-    peaks = {k: measure(fn, [*model.parameters(), h]) for k, fn in loss_steps.items()}
-    times = timed(loss_steps)
-    rows.append(row(s, f"loss step peak memory, chunked vs full logits ({batch * cfg.block_size} x "
-                       f"{cfg.vocab_size})", peaks["chunked"][0], peaks["full"][0], "MiB", higher_is_better=False,
-                    rss_mib=peaks["chunked"][1], full_rss_mib=peaks["full"][1]))
-    rows.append(row(s, "loss step time, chunked vs full logits", 1e3 * times["chunked"], 1e3 * times["full"], "ms",
-                    higher_is_better=False))
+    steps = {"full": loss_step(False), "chunked": loss_step(True)}
+    peaks = {k: measure_peak(fn, device, [*model.parameters(), h]) for k, fn in steps.items()}
+    times = alternating_medians(steps, device, rounds)
+    return [row("memory", f"loss step peak memory, chunked vs full logits ({x.numel()} x {model.config.vocab_size})",
+                peaks["chunked"][0], peaks["full"][0], "MiB", higher_is_better=False, rss_mib=peaks["chunked"][1],
+                full_rss_mib=peaks["full"][1]),
+            row("memory", "loss step time, chunked vs full logits", 1e3 * times["chunked"], 1e3 * times["full"],
+                "ms", higher_is_better=False)]
 
-    # the blocks' activations: gradients kept allocated, embedding frozen, a fixed gradient on the hidden states
-    w.requires_grad_(False)
-    g = torch.randn(batch, cfg.block_size, cfg.n_embd, device=dev)
+
+def _memory_trunk_rows(model, x, device, ctx, rounds):
+    """The blocks' activations: gradients kept allocated, embedding frozen, a fixed gradient on the hidden states."""
+    model.lm_head.weight.requires_grad_(False)
+    g = torch.randn(*x.shape, model.config.n_embd, device=device)
 
     def trunk_step(every):
         def step():
@@ -521,22 +507,16 @@ def bench_memory(args):
             with ctx:
                 model(x, x, loss_fn=lambda hidden, weight, targets: (hidden.float() * g).sum())[1].backward()
         return step
-    trunk = {"plain": trunk_step(0), "grad_ckpt": trunk_step(1)}
-    trunk["plain"]()  # allocates the gradients, which stay
+    steps = {"plain": trunk_step(0), "grad_ckpt": trunk_step(1)}
+    steps["plain"]()  # allocates the gradients, which stay
     resident = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
-    peaks = {k: measure(fn, resident) for k, fn in trunk.items()}
-    times = timed(trunk)
-    rows.append(row(s, f"activation memory of the {cfg.n_layer} blocks, grad_ckpt vs plain", peaks["grad_ckpt"][0],
-                    peaks["plain"][0], "MiB", higher_is_better=False, rss_mib=peaks["grad_ckpt"][1],
-                    plain_rss_mib=peaks["plain"][1]))
-    rows.append(row(s, "blocks forward + backward time, grad_ckpt vs plain", 1e3 * times["grad_ckpt"],
-                    1e3 * times["plain"], "ms", higher_is_better=False))
-    return rows
-
-
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    peaks = {k: measure_peak(fn, device, resident) for k, fn in steps.items()}
+    times = alternating_medians(steps, device, rounds)
+    return [row("memory", f"activation memory of the {model.config.n_layer} blocks, grad_ckpt vs plain",
+                peaks["grad_ckpt"][0], peaks["plain"][0], "MiB", higher_is_better=False,
+                rss_mib=peaks["grad_ckpt"][1], plain_rss_mib=peaks["plain"][1]),
+            row("memory", "blocks forward + backward time, grad_ckpt vs plain", 1e3 * times["grad_ckpt"],
+                1e3 * times["plain"], "ms", higher_is_better=False)]
 
 
 @section("adam")
@@ -558,6 +538,21 @@ def bench_adam(args):
     return rows
 
 
+def _step_growth_mb(fn, device):
+    """MiB that one call of fn adds at its peak over what was resident before it: the CUDA allocator's, or on CPU
+    the process's peak RSS over its RSS (the compiled CPU step's buffers are not tensors TensorPeak sees)."""
+    import memory
+    sync(device)
+    if str(device).startswith("cuda"):
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    base = memory.reset_rss_peak()
+    fn()
+    return memory.rss_peak_mb() - base
+
+
 def _bench_adam_set(args, name, shapes, baselines):
     import optim
     dev, s = args.device, "adam"
@@ -573,24 +568,9 @@ def _bench_adam_set(args, name, shapes, baselines):
     first = {}
     for k, opt in opts.items():  # creates the state (and on CPU compiles ours' one-pass step, once per process)
         first[k] = median_time(opt.step, dev, warmup=0, iters=1)
-    growth = {}
-    for k, opt in opts.items():
-        sync(dev)
-        if dev.startswith("cuda"):
-            base = torch.cuda.memory_allocated()
-            reset_peak_memory(dev)
-            opt.step()
-            growth[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        else:
-            base = _rss_mb()
-            reset_peak_memory(dev)
-            opt.step()
-            growth[k] = peak_memory_mb(dev) - base
-    times = {k: [] for k in opts}
-    for _ in range(2 if args.quick else 7):
-        for k, opt in opts.items():
-            times[k].append(median_time(opt.step, dev, warmup=0, iters=1))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    growth = {k: _step_growth_mb(opt.step, dev) for k, opt in opts.items()}
+    times = alternating_medians({k: opt.step for k, opt in opts.items()}, dev, 2 if args.quick else 7, warmup=0)
+    ms = {k: 1e3 * t for k, t in times.items()}
     state = {k: sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t)) / n
              for k, opt in opts.items()}
     shape = f"{n / 1e6:.1f}M params in {len(params)} tensors"
@@ -607,6 +587,7 @@ def _bench_adam_set(args, name, shapes, baselines):
                         measured="CUDA allocator" if dev.startswith("cuda") else "peak RSS over RSS"))
     del opts, params
     return rows
+
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ def test_generate_section_measures_cache_against_recompute(tmp_path):
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_train_section_reports_throughput_and_peak_memory(monkeypatch, amx):
-    import train
-    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: amx)  # what train.py's --dtype auto would pick
+    import runtime
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: amx)  # what train.py's --dtype auto would pick
     rows = bench.main(["train", "--quick", "--device", "cpu"])
     names = [r["name"] for r in rows]
     assert any("throughput" in n for n in names) and any("peak memory" in n for n in names)
@@ -43,3 +43,25 @@ def test_adam_section_reports_time_state_bytes_and_step_memory():
     assert 8.0 <= state["baseline"] < 8.01 and 2.0 < state["ours"] < 2.1  # fp32 AdamW: 8 bytes + its step counters
     assert by_name["quick: step time vs AdamW foreach"]["ours"] > 0
     assert "largest_tensor_copies" in by_name["quick: memory added by a step vs AdamW foreach"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_timed_section_honours_dtype(dtype):
+    rows = bench.main(["train", "qat", "--quick", "--device", "cpu", "--dtype", dtype])
+    train_rows = [r for r in rows if r["section"] == "train"]
+    assert all(dtype in r["name"] for r in train_rows)
+    assert any(r["section"] == "qat" and r["ours"] > 0 for r in rows)
+
+
+def test_json_into_a_missing_folder_is_refused_before_any_section_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["train", "--quick", "--json", str(tmp_path / "no" / "b.json")])
+    err = capsys.readouterr().err
+    assert "folder does not exist" in err and "throughput" not in err
+
+
+def test_alternating_medians_times_each_function_in_every_round():
+    calls = []
+    times = bench.alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
