@@ -3,7 +3,6 @@
     add_lora_(model, rank=8, alpha=16, base="nf4g64")   nn.Linear -> LoRALinear in place; only A and B train
     add_lora_(model, 8, 16, base="nf4g64", loftq_iters=5) LoftQ: quantize(W - sBA) and SVD(W - Q), alternating
     merge_lora_(model)                                   LoRALinear -> nn.Linear with W + s B A (float)
-    merge_and_requantize_(model, "rtn" | "gptq", "nf4g64", calib)   merge, then a fresh 4-bit model for serving
 
 Ideas it rests on:
 - LoRALinear(x) = base(x) + s * B (A dropout(x)), s = alpha / rank, A (r, K) random, B (N, r) zero, so training
@@ -291,15 +290,6 @@ def merge_lora_(model):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-def merge_and_requantize_(model, method="rtn", spec="nf4g64", calib=()):
-    """Merge, then quantize the merged float weights again for 4-bit serving: "rtn" rounds them to the nearest
-    grid point, "gptq" spreads each layer's rounding error over its other columns using calibration batches
-    (quant.apply_ptq_); then convert_ packs them (quant.Int4Linear). Returns the model."""
-    merge_lora_(model)
-    quant.apply_ptq_(model, method, spec, calib)
-    return quant.convert_(model)
 
 
 # ----------------------------------------------------------------------------- checkpoints and reporting

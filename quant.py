@@ -292,21 +292,6 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, spec={self.spec.text}, group_size={self.group_size}"
 
 
-class FakeQuantEmbedding(nn.Embedding):
-    """nn.Embedding looking up rows of its quantized table (weight-only, scales from the weights). A gather, not a
-    matmul: convert_ leaves it as it is, still exact."""
-
-    def __init__(self, num_embeddings, embedding_dim, spec="w4g32", device=None, dtype=None):
-        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
-        self.spec = parse_spec(spec)
-        self.group_size = group_size_for(self.spec, embedding_dim)
-        self.enabled = True
-
-    def forward(self, idx):
-        w = fake_quantize(self.weight, self.spec, self.group_size) if self.enabled else self.weight
-        return F.embedding(idx, w)
-
-
 def _swap(model, fn):
     """Replace every submodule m (by name) with fn(name, m) where that is not None; returns the names replaced."""
     done = []
@@ -320,23 +305,17 @@ def _swap(model, fn):
     return done
 
 
-def quantize_(model, spec, skip=("lm_head",), embeddings=False, enabled=True):
-    """In place: every nn.Linear (but those named in skip) -> FakeQuantLinear sharing its parameters, and with
-    embeddings=True every nn.Embedding -> FakeQuantEmbedding (weight-only). enabled=False leaves fake-quant off
-    until enable_fake_quant_(model, True), e.g. to start QAT after N steps. Returns the model."""
+def quantize_(model, spec, skip=("lm_head",), enabled=True):
+    """In place: every nn.Linear (but those named in skip) -> FakeQuantLinear sharing its parameters.
+    enabled=False leaves fake-quant off until enable_fake_quant_(model, True), e.g. to start QAT after N steps.
+    Returns the model."""
     spec = parse_spec(spec)
 
     def swap(name, m):
-        if name in skip or isinstance(m, (FakeQuantLinear, FakeQuantEmbedding, Int4Linear, Int8Linear)):
+        if name in skip or type(m) is not nn.Linear:
             return None
-        if type(m) is nn.Linear:
-            new = FakeQuantLinear(m.in_features, m.out_features, m.bias is not None, spec, device=m.weight.device)
-            new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties and references survive
-        elif type(m) is nn.Embedding and embeddings:
-            new = FakeQuantEmbedding(m.num_embeddings, m.embedding_dim, spec, device=m.weight.device)
-            new.weight = m.weight
-        else:
-            return None
+        new = FakeQuantLinear(m.in_features, m.out_features, m.bias is not None, spec, device=m.weight.device)
+        new.weight, new.bias = m.weight, m.bias  # the same Parameters: ties and references survive
         new.enabled = enabled
         return new
     try:
@@ -348,7 +327,7 @@ def quantize_(model, spec, skip=("lm_head",), embeddings=False, enabled=True):
 
 def enable_fake_quant_(model, enabled=True):
     for m in model.modules():
-        if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)):
+        if isinstance(m, FakeQuantLinear):
             m.enabled = enabled
 
 
@@ -473,7 +452,7 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features, out_features, bias, spec, group_size, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.spec, self.group_size, self.backend = parse_spec(spec), group_size, "auto"
+        self.spec, self.group_size = parse_spec(spec), group_size
         G = in_features // group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float16, device=device))
@@ -491,8 +470,7 @@ class Int4Linear(nn.Module):
             x = fake_quantize_activations(x)
         if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, backend=self.backend,
-                                lut=self.lut)
+        y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, lut=self.lut)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
@@ -555,7 +533,7 @@ def convert_linear(m):
 
 def convert_(model):
     """In place: every FakeQuantLinear -> Int4Linear (4 bits and below) or Int8Linear (5 to 8 bits).
-    FakeQuantEmbedding stays as it is. Returns the model."""
+    Returns the model."""
     def swap(name, m):
         if isinstance(m, FakeQuantLinear):
             try:
@@ -571,8 +549,8 @@ def convert_(model):
 
 def describe(model):
     """What a checkpoint needs to rebuild the model's quantized modules: dict(spec, fake_quant=[names],
-    converted=[names], embeddings=[names]), or None for a float model."""
-    kinds = dict(fake_quant=FakeQuantLinear, converted=(Int4Linear, Int8Linear), embeddings=FakeQuantEmbedding)
+    converted=[names]), or None for a float model."""
+    kinds = dict(fake_quant=FakeQuantLinear, converted=(Int4Linear, Int8Linear))
     found = {k: [n for n, m in model.named_modules() if isinstance(m, c)] for k, c in kinds.items()}
     specs = {m.spec.text for m in model.modules() if hasattr(m, "spec") and isinstance(m.spec, QuantSpec)}
     if not specs:
@@ -589,8 +567,9 @@ def restore_(model, desc):
         return model
     layers = set(desc["fake_quant"]) | set(desc["converted"])
     every = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
-    quantize_(model, desc["spec"], skip=tuple(every - layers - set(desc["embeddings"])),
-              embeddings=bool(desc["embeddings"]))
+    if desc.get("embeddings"):  # (an early version could fake-quantize embeddings; none of its checkpoints did)
+        raise ValueError("the checkpoint holds fake-quant embeddings, which this version no longer builds")
+    quantize_(model, desc["spec"], skip=tuple(every - layers))
     converted = set(desc["converted"])
     _swap(model, lambda n, m: convert_linear(m) if n in converted and isinstance(m, FakeQuantLinear) else None)
     return model

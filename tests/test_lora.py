@@ -16,6 +16,7 @@ import lora
 import memory
 import quant
 import train
+from config import TrainConfig, UserError
 from data.prepare import prepare_reasoning
 from data.tasks import (STYLES, SUB_LEVELS, answer_text, check_answer, held_out_problems, make_examples,
                         prompt_text, sample_problems, split_of, subtraction_task)
@@ -195,7 +196,7 @@ def test_merge_gives_the_same_function_and_requantize_gives_a_4_bit_model(base):
     assert not lora.lora_layers(merged) and all(p.requires_grad for p in merged.parameters())
     # one fp32 matrix W + s B A instead of two products: 1e-5 of the logits' scale
     assert (merged(x)[0] - before).abs().max() <= 1e-5 * before.abs().max()
-    served = lora.merge_and_requantize_(copy.deepcopy(model), "rtn", "nf4g64")
+    served = quant.convert_(quant.apply_ptq_(lora.merge_lora_(copy.deepcopy(model)), "rtn", "nf4g64"))
     assert sum(isinstance(m, quant.Int4Linear) for m in served.modules()) == 8
     assert quant.bits_per_weight(served) == pytest.approx(4.25)
 
@@ -290,10 +291,10 @@ def test_lora_flags_give_one_line_errors():
            dict(lora_merge=True), dict(lora_rank=-1, init_from="x.pt"),
            dict(lora_rank=4, init_from="x.pt", lora_base="nf4g64", loftq=True, loftq_split="half")]
     for kw in bad:
-        with pytest.raises(train.UserError) as e:
-            train.check_config(train.TrainConfig(**kw))
+        with pytest.raises(UserError) as e:
+            train.check_config(TrainConfig(**kw))
         assert "\n" not in str(e.value) and "--" in str(e.value), kw
-    train.check_config(train.TrainConfig(lora_rank=4, init_from="x.pt", lora_base="nf4g64", loftq=True))
+    train.check_config(TrainConfig(lora_rank=4, init_from="x.pt", lora_base="nf4g64", loftq=True))
 
 
 def run_cli(args, module=("train.py",)):
