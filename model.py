@@ -74,9 +74,17 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- layers
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in fp32 whatever comes in (as Llama's reference does), returned in the input's dtype:
+    under CPU bf16 autocast q and k arrive in bf16 while the weight stays fp32."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 def make_norm(config, dim):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+        return RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
@@ -611,7 +619,7 @@ GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
 LLAMA_RENAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
                  ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
                  (".ln_2.", ".post_attention_layernorm."), (".attn.", ".self_attn."))
-FLOAT_MODULES = (nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Dropout, nn.LayerNorm, nn.RMSNorm, nn.Linear,
+FLOAT_MODULES = (nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Dropout, nn.LayerNorm, RMSNorm, nn.Linear,
                  Block, CausalSelfAttention, MLP, SwiGLU)
 
 
