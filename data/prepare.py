@@ -4,17 +4,21 @@
     python data/prepare.py reasoning --style_mix 0.3,0.4,0.3 --out data/reasoning_mix
     python data/prepare.py subtraction                     # fine-tuning task: a - b, nines' complement
     python data/prepare.py text --input my.txt --out data/mytext --tokenizer bpe --vocab_size 2048
+    python data/prepare.py reasoning --tokenizer hf:path/to/SmolLM2-135M --out data/reasoning_smollm
 
 Ideas it rests on:
 - The reasoning corpus is generated from a seed (data/tasks.py), so every machine builds the same bytes; its task
   settings go into meta.json, from which evaluation regenerates the held-out test problems.
-- Documents are `<|bos|>prompt answer<|eos|>`; the loader masks the prompt out of the loss.
+- Documents are `<|bos|>prompt answer<|eos|>`; the loader masks the prompt out of the loss. With a Hugging Face
+  model's tokenizer (--tokenizer hf:DIR) they are that model's bos and eos, so generation stops at its eos; its
+  tokenizer.json is copied into the dataset, which then stands on its own.
 - Files are written to a temporary name and renamed, so an interrupted or failed run never leaves a half dataset
   in place of a good one.
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, fields
 
@@ -26,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: make `data` importable
 from files import atomic_write  # noqa: E402
 from data.loader import DataError, load_meta  # noqa: E402
 from data.tasks import FORMAT_VERSION, TaskConfig, make_examples, subtraction_task  # noqa: E402
-from data.tokenizer import byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, save_bpe, train_bpe  # noqa: E402
+from data.tokenizer import (byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, load_hf_tokenizer,  # noqa: E402
+                            save_bpe, train_bpe)
 
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,8 +40,21 @@ def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2 ** 16 else np.uint32
 
 
+def named_tokenizer(name):
+    """bytes, gpt2 or hf:DIR (a local Hugging Face model directory's tokenizer.json)."""
+    if name == "bytes":
+        return byte_tokenizer()
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name.startswith("hf:"):
+        return load_hf_tokenizer(name[3:])
+    raise ValueError(f"unknown tokenizer {name!r}: choose bytes, bpe, gpt2 or hf:DIR")
+
+
 def write_dataset(out_dir, train_ids, val_ids, tok, extra):
     os.makedirs(out_dir, exist_ok=True)
+    if tok.name == "hf":  # the dataset keeps its own copy: load_tokenizer reads it from there
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: shutil.copyfile(tok.source, p), mode=None)
     dtype = token_dtype(tok.n_vocab)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         arr = np.asarray(ids, dtype=dtype)
@@ -58,11 +76,11 @@ def encode_documents(tok, pairs):
     return ids
 
 
-def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True, default=False):
-    """Generate the reasoning corpus into out_dir; returns its meta dict. default: built as the built-in corpus
-    (which train.py may rebuild when data/tasks.py changes)."""
+def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True, tokenizer="bytes", default=False):
+    """Generate the reasoning corpus into out_dir with tokenizer bytes, gpt2 or hf:DIR; returns its meta dict.
+    default: built as the built-in corpus (which train.py may rebuild when data/tasks.py changes)."""
     cfg = cfg or TaskConfig()
-    tok = byte_tokenizer()
+    tok = named_tokenizer(tokenizer)
     train = encode_documents(tok, make_examples(cfg, "train", cfg.train_examples))
     val = encode_documents(tok, make_examples(cfg, "val", cfg.val_examples))
     meta = write_dataset(out_dir, train, val, tok, dict(kind="reasoning", task=asdict(cfg), prompt_end="\n",
@@ -100,15 +118,11 @@ def prepare_text(input_path, out_dir, tokenizer="bytes", vocab_size=2048, val_fr
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
     cut = int(len(text) * (1 - val_fraction))
-    if tokenizer == "bytes":
-        tok = byte_tokenizer()
-    elif tokenizer == "gpt2":
-        tok = gpt2_tokenizer()
-    elif tokenizer == "bpe":
+    if tokenizer == "bpe":
         ranks = train_bpe(text[:cut], vocab_size)  # merges learned on the train part only
         tok = bpe_tokenizer(ranks)  # in memory: nothing is written until every check has passed
     else:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}: choose bytes, bpe or gpt2")
+        tok = named_tokenizer(tokenizer)
     train, val = tok.encode(text[:cut]), tok.encode(text[cut:])
     if not train or not val:
         raise ValueError(f"{input_path} is too short to split into train and val: give more text")
@@ -130,6 +144,7 @@ def main(argv=None):
                                  ("subtraction", subtraction_task(), "the fine-tuning task: subtraction")):
         r = sub.add_parser(mode, help=what, allow_abbrev=False)
         r.add_argument("--out", default=os.path.join(DATA_ROOT, mode))
+        r.add_argument("--tokenizer", default="bytes", help="bytes, gpt2 or hf:DIR (a Hugging Face model's)")
         for f in fields(TaskConfig):
             v = getattr(defaults, f.name)
             elem = type(v[0]) if isinstance(v, tuple) and v else float  # an empty tuple default holds floats
@@ -140,14 +155,14 @@ def main(argv=None):
     t = sub.add_parser("text", help="tokenize a text file", allow_abbrev=False)
     t.add_argument("--input", required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe", "gpt2"])
+    t.add_argument("--tokenizer", default="bytes", help="bytes, bpe, gpt2 or hf:DIR (a Hugging Face model's)")
     t.add_argument("--vocab_size", type=int, default=2048, help="for --tokenizer bpe")
     t.add_argument("--val_fraction", type=float, default=0.1)
     args = p.parse_args(argv)
     try:
         if args.mode in ("reasoning", "subtraction"):
             cfg = TaskConfig(**{f.name: getattr(args, f.name) for f in fields(TaskConfig)})
-            prepare_reasoning(args.out, cfg)
+            prepare_reasoning(args.out, cfg, tokenizer=args.tokenizer)
         else:
             prepare_text(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -9,12 +9,18 @@ Ideas it rests on:
   kept as tiktoken would encode it (repeatedly merge the adjacent pair whose concatenation has the lowest rank), so
   the trained ranks encode any text exactly as the trainer's merge sequence does.
 - Nothing downloads by default: GPT-2's encoding is an explicit choice and fails fast, in one line, when offline.
+- A Hugging Face tokenizer.json of byte-level BPE (GPT-2, Llama 3, Qwen2/3, SmolLM) becomes the same kind of
+  Encoding: each vocabulary string is mapped back to its bytes through GPT-2's byte-to-unicode table, and its id is
+  its rank (these vocabularies number their tokens in merge order, which is checked), the pre-tokenizer's regex is
+  the split pattern, and the added tokens are the special tokens. What tiktoken lacks is done before it: NFC
+  normalisation (Qwen) and cutting out each digit (SmolLM's Digits pre-tokenizer).
 """
 import base64
 import heapq
 import json
 import os
 import threading
+import unicodedata
 from collections import Counter, defaultdict
 
 import regex  # tiktoken's own dependency; needed for \p{L} in the split pattern
@@ -45,14 +51,17 @@ class Tokenizer:
     def __repr__(self):
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
 
+    def encode_ordinary(self, text):
+        return self.enc.encode_ordinary(text)  # ordinary: "<|bos|>" in the text stays plain text
+
     def encode(self, text, bos=False, eos=False):
-        ids = self.enc.encode_ordinary(text)  # ordinary: "<|bos|>" in the text stays plain text
+        ids = self.encode_ordinary(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts, bos=False, eos=False):
         # a plain loop: tiktoken's encode_ordinary_batch submits one thread-pool task per text, which for the
         # corpus's 62k short documents took 4.7 s against 0.5 s for this loop (2 cores)
-        batch = [self.enc.encode_ordinary(t) for t in texts]
+        batch = [self.encode_ordinary(t) for t in texts]
         if bos or eos:
             batch = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in batch]
         return batch
@@ -73,6 +82,8 @@ class Tokenizer:
             if self.ranks_file is None:
                 raise ValueError("this BPE tokenizer has no ranks file: write it with save_bpe, then use load_bpe")
             meta["ranks_file"] = self.ranks_file
+        if self.name == "hf":  # data/prepare.py copies the tokenizer.json into the dataset under this name
+            meta["tokenizer_file"] = "tokenizer.json"
         return meta
 
 
@@ -241,9 +252,154 @@ def load_tokenizer(meta, data_dir):
         tok = load_bpe(os.path.join(data_dir, meta["ranks_file"]))
     elif name == "gpt2":
         tok = gpt2_tokenizer()
+    elif name == "hf":
+        tok = hf_tokenizer_from_file(os.path.join(data_dir, meta["tokenizer_file"]), meta["bos_id"],
+                                     meta["eos_id"], meta["pad_id"])
     else:
-        raise ValueError(f"unknown tokenizer {name!r} in meta (expected bytes, bpe or gpt2): re-run data/prepare.py")
+        raise ValueError(f"unknown tokenizer {name!r} in meta (expected bytes, bpe, gpt2 or hf): "
+                         "re-run data/prepare.py")
     if "n_vocab" in meta and meta["n_vocab"] != tok.n_vocab:
         raise ValueError(f"the {name} tokenizer has {tok.n_vocab} tokens but the dataset was made with "
                          f"{meta['n_vocab']}: re-run data/prepare.py")
     return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE)
+
+# GPT-2's pre-tokenizer regex, which ByteLevel applies when use_regex is true
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGIT = regex.compile(r"(\p{N})")  # the Digits pre-tokenizer (individual_digits): every digit on its own
+
+
+def bytes_to_unicode():
+    """GPT-2's table: each byte -> a printable character (the printable bytes keep their own), which is how a
+    byte-level BPE vocabulary spells its tokens."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+class HFTokenizer(Tokenizer):
+    """A tokenizer.json served by tiktoken; `nfc` and `digits` are the steps done in Python before it."""
+
+    def __init__(self, enc, bos_id, eos_id, pad_id, source, nfc=False, digits=False):
+        super().__init__("hf", enc, bos_id, eos_id, pad_id)
+        self.source, self.nfc, self.digits = source, nfc, digits
+
+    def encode_ordinary(self, text):
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        if not self.digits:
+            return self.enc.encode_ordinary(text)
+        return [i for part in DIGIT.split(text) if part for i in self.enc.encode_ordinary(part)]
+
+
+def _hf_pre_tokenizer(pre, where):
+    """(split pattern, digits) from a tokenizer.json's pre_tokenizer; ValueError for kinds tiktoken cannot run."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if not kinds or kinds[-1] != "ByteLevel":
+        raise ValueError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: only byte-level BPE "
+                         "tokenizers (GPT-2, Llama 3, Qwen, SmolLM) are supported, not SentencePiece ones")
+    byte_level, pattern, digits = steps[-1], None, False
+    if byte_level.get("add_prefix_space"):
+        raise ValueError(f"{where}: ByteLevel add_prefix_space is not supported")
+    for step in steps[:-1]:
+        if step["type"] == "Split" and "Regex" in step.get("pattern", {}) and pattern is None \
+                and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step["pattern"]["Regex"]
+        elif step["type"] == "Digits" and step.get("individual_digits") and not digits:
+            digits = True
+        else:
+            raise ValueError(f"{where}: pre-tokenizer step {step['type']} {step} is not supported")
+    if byte_level.get("use_regex", True):
+        if pattern is not None:
+            raise ValueError(f"{where}: a Split regex and ByteLevel's own regex together are not supported")
+        pattern = GPT2_PATTERN
+    if pattern is None:
+        raise ValueError(f"{where}: no split regex (Split or ByteLevel use_regex) in the pre_tokenizer")
+    return pattern, digits
+
+
+def _hf_ranks(model, added, where):
+    """tiktoken ranks {token bytes: id} from a BPE model's vocabulary (the added tokens left out), after checking
+    that the ids follow the merges, which is what lets an id serve as the rank."""
+    if model.get("type") != "BPE":
+        raise ValueError(f"{where}: a {model.get('type')} model is not supported, only byte-level BPE")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ValueError(f"{where}: BPE with byte_fallback or subword affixes (SentencePiece-style) is not "
+                         "supported")
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
+    except KeyError:
+        raise ValueError(f"{where}: the vocabulary is not spelled in byte-level characters") from None
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{where}: the vocabulary lacks some of the 256 single bytes")
+    last = -1
+    for merge in model.get("merges", []):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        rank = model["vocab"].get(a + b, -1)
+        if not (rank > last and rank > model["vocab"].get(a, rank) and rank > model["vocab"].get(b, rank)):
+            raise ValueError(f"{where}: token ids do not follow the merge order (at {a + b!r}), which tiktoken "
+                             "needs")
+        last = rank
+    return ranks
+
+
+def _special_id(tokens, value):
+    """An id from a token name (or {"content": name}) or an id (or a list of ids: the first)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return tokens.get(value) if isinstance(value, str) else value
+
+
+def hf_tokenizer_from_file(path, bos_id=None, eos_id=None, pad_id=None):
+    """A Tokenizer from one tokenizer.json file; bos/eos/pad ids given (load_hf_tokenizer finds them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: give a Hugging Face model directory holding tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        model = spec["model"]
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a tokenizer.json ({type(e).__name__}): download it again") from None
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        raise ValueError(f"{path}: normalizer {norm.get('type')} is not supported (only none or NFC)")
+    pattern, digits = _hf_pre_tokenizer(spec.get("pre_tokenizer"), path)
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    ranks = _hf_ranks(model, added, path)
+    enc = tiktoken.Encoding(f"hf:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    if eos_id is None:
+        raise ValueError(f"{path}: no eos token known: name eos_token in tokenizer_config.json or eos_token_id in "
+                         "config.json")
+    bos_id = eos_id if bos_id is None else bos_id
+    return HFTokenizer(enc, bos_id, eos_id, eos_id if pad_id is None else pad_id, os.path.abspath(path),
+                       nfc=norm is not None, digits=digits)
+
+
+def load_hf_tokenizer(path):
+    """The tokenizer of a local Hugging Face model directory: tokenizer.json (byte-level BPE), with bos/eos/pad
+    from tokenizer_config.json, else config.json, else generation_config.json (a list of eos ids: the first)."""
+    tokens, found = {}, {}
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            spec = json.load(f)
+        tokens = {**spec.get("model", {}).get("vocab", {}), **{t["content"]: t["id"]
+                                                               for t in spec.get("added_tokens", [])}}
+    sources = (("tokenizer_config.json", "{}_token"), ("config.json", "{}_token_id"),
+               ("generation_config.json", "{}_token_id"))
+    for name, key in sources:
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                d = json.load(f)
+            for which in ("bos", "eos", "pad"):
+                if found.get(which) is None:
+                    found[which] = _special_id(tokens, d.get(key.format(which)))
+    return hf_tokenizer_from_file(file, found.get("bos"), found.get("eos"), found.get("pad"))

@@ -2,6 +2,7 @@
 import json
 import random
 import threading
+import unicodedata
 
 import numpy as np
 import pytest
@@ -248,3 +249,189 @@ def test_gpt2_tokenizer_gives_up_after_timeout_instead_of_hanging(monkeypatch):
         assert "\n" not in str(e.value)
     finally:
         release.set()
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face tokenizer.json
+
+from data.tokenizer import GPT2_PATTERN, bytes_to_unicode, load_hf_tokenizer  # noqa: E402
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+SPLIT = lambda pattern: {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+STYLES = {  # (normalizer, pre_tokenizer, ignore_merges) as GPT-2, Llama 3, Qwen2/3 and SmolLM write them
+    "gpt2": (None, {**BYTE_LEVEL, "use_regex": True}, False),
+    "llama3": (None, {"type": "Sequence", "pretokenizers": [SPLIT(LLAMA3_PATTERN), {**BYTE_LEVEL, "use_regex": False}]},
+               True),
+    "qwen2": ({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [SPLIT(QWEN2_PATTERN),
+                                                                      {**BYTE_LEVEL, "use_regex": False}]}, False),
+    "smollm": (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                            {**BYTE_LEVEL, "use_regex": True}]}, False),
+}
+ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MIXED_TEXT = ("Hello world, don't WE'LL café naïve cafe\u0301 (e + combining accent) Ærøskøbing ß\n"
+              "日本語のテキスト 中文字符 한국어 🙂👍🏽👨‍👩‍👧 x² ½ ١٢٣\n\n\n   spaces     and\t\ttabs  \r\n"
+              "digits 12345678901234567890 3.14159 2024-06-01  \n  trailing   ")
+
+
+def spell(b):
+    table = bytes_to_unicode()
+    return "".join(table[x] for x in b)
+
+
+def hf_tokenizer_json(ranks, style):
+    """A tokenizer.json as the tokenizers library writes it, from tiktoken-style ranks: the byte tokens numbered
+    in GPT-2's order, each merged token numbered in merge order, the merge that made it recovered by encoding its
+    bytes with the ranks below its own (which leaves exactly two parts)."""
+    byte_ids = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
+    vocab, merges = {spell(b): i for b, i in byte_ids.items()}, []
+    for token, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if r < 256:
+            continue
+        below = {t: q for t, q in ranks.items() if q < r}
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # tiktoken's rule: merge the adjacent pair whose concatenation ranks lowest
+            i = min((below[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in below)[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append([spell(parts[0]), spell(parts[1])])
+        vocab[spell(token)] = r
+    norm, pre, ignore_merges = STYLES[style]
+    added = [dict(id=len(vocab) + i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                  special=True) for i, t in enumerate(ADDED)]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": norm,
+            "pre_tokenizer": pre, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}}
+
+
+@pytest.fixture(scope="module")
+def hf_ranks():
+    return train_bpe(make_text(0, 6000) + MIXED_TEXT * 3, 420)
+
+
+def write_hf_dir(path, ranks, style, configs=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(ranks, style), ensure_ascii=False))
+    default = {"tokenizer_config.json": {"eos_token": "<|endoftext|>"}}
+    for name, content in (default if configs is None else configs).items():
+        (path / name).write_text(json.dumps(content))
+    return path
+
+
+def reference_hf_encode(spec, text):
+    """The Hugging Face pipeline in plain Python: NFC, digits cut out, the split regex, bytes spelled through the
+    table, then BPE by the merges list (the pair of lowest merge index first), each piece looked up in the vocab."""
+    import unicodedata
+    norm, pre, model = spec["normalizer"], spec["pre_tokenizer"], spec["model"]
+    steps = pre.get("pretokenizers", [pre])
+    if norm:
+        text = unicodedata.normalize("NFC", text)
+    parts = regex.split(r"(\p{N})", text) if steps[0]["type"] == "Digits" else [text]
+    pattern = steps[0]["pattern"]["Regex"] if steps[0]["type"] == "Split" else GPT2_PATTERN
+    merge_rank = {tuple(m): i for i, m in enumerate(model["merges"])}
+    ids = []
+    for chunk in (c for part in parts if part for c in regex.findall(pattern, part)):
+        word = list(spell(chunk.encode("utf-8")))
+        if model["ignore_merges"] and "".join(word) in model["vocab"]:
+            word = ["".join(word)]
+        while len(word) > 1:
+            found = [(merge_rank[p], i) for i, p in enumerate(zip(word, word[1:])) if p in merge_rank]
+            if not found:
+                break
+            i = min(found)[1]
+            word[i:i + 2] = [word[i] + word[i + 1]]
+        ids += [model["vocab"][w] for w in word]
+    return ids
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_hf_tokenizer_encodes_mixed_text_as_the_hf_pipeline_does(style, hf_ranks, tmp_path):
+    path = write_hf_dir(tmp_path, hf_ranks, style)
+    tok = load_hf_tokenizer(str(path))
+    spec = json.loads((path / "tokenizer.json").read_text())
+    for text in [MIXED_TEXT, make_text(9, 400), UNICODE_TEXT, "", " ", "\n\n", "0000000"]:
+        ids = tok.encode(text)
+        assert ids == reference_hf_encode(spec, text), text[:40]
+        want = unicodedata.normalize("NFC", text) if style == "qwen2" else text
+        assert tok.decode(ids) == want
+    assert len(tok.encode(MIXED_TEXT)) < len(MIXED_TEXT.encode("utf-8")) * 0.9  # merged tokens are used
+    assert (tok.n_vocab, tok.eos_id, tok.bos_id, tok.pad_id) == (423, 420, 420, 420)
+    assert tok.decode([421, 5, 422]).startswith("<|im_start|>") and tok.decode([421, 422]).endswith("<|im_end|>")
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_hf_tokenizer_equals_the_tokenizers_library(style, hf_ranks, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")  # optional: the reference above runs without it
+    path = write_hf_dir(tmp_path, hf_ranks, style)
+    theirs = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    ours = load_hf_tokenizer(str(path))
+    for text in [MIXED_TEXT, make_text(10, 400), UNICODE_TEXT]:
+        ids = theirs.encode(text).ids
+        assert ours.encode(text) == ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+
+
+def test_hf_bos_and_eos_come_from_tokenizer_config_then_config_then_generation_config(hf_ranks, tmp_path):
+    configs = {"tokenizer_config.json": {"bos_token": None, "eos_token": {"content": "<|im_end|>"}},
+               "config.json": {"bos_token_id": 421, "eos_token_id": 420},
+               "generation_config.json": {"eos_token_id": [420, 422], "pad_token_id": 420}}
+    tok = load_hf_tokenizer(str(write_hf_dir(tmp_path / "a", hf_ranks, "llama3", configs)))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (421, 422, 420)
+    tok = load_hf_tokenizer(str(write_hf_dir(tmp_path / "b", hf_ranks, "llama3",
+                                             {"generation_config.json": {"eos_token_id": [422, 420]}})))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (422, 422, 422)  # a list: the first; bos and pad default to eos
+    with pytest.raises(ValueError, match="no eos token") as e:
+        load_hf_tokenizer(str(write_hf_dir(tmp_path / "c", hf_ranks, "llama3", {})))
+    assert "\n" not in str(e.value)
+
+
+def test_hf_tokenizer_to_meta_round_trips_through_a_copy_in_the_dataset(hf_ranks, tmp_path):
+    import shutil
+    tok = load_hf_tokenizer(str(write_hf_dir(tmp_path / "model", hf_ranks, "qwen2")))
+    meta = json.loads(json.dumps(tok.to_meta()))
+    (tmp_path / "data").mkdir()
+    shutil.copyfile(tok.source, tmp_path / "data" / meta["tokenizer_file"])  # what data/prepare.py does
+    shutil.rmtree(tmp_path / "model")  # the dataset stands on its own
+    again = load_tokenizer(meta, str(tmp_path / "data"))
+    assert (again.name, again.n_vocab, again.bos_id, again.eos_id, again.pad_id) == \
+           (tok.name, tok.n_vocab, tok.bos_id, tok.eos_id, tok.pad_id)
+    assert again.encode(MIXED_TEXT, bos=True, eos=True) == tok.encode(MIXED_TEXT, bos=True, eos=True)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda s: s["model"].update(type="Unigram"), "Unigram"),
+    (lambda s: s["model"].update(type="WordPiece"), "WordPiece"),
+    (lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581"}), "SentencePiece"),
+    (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
+    (lambda s: s.update(normalizer={"type": "Lowercase"}), "Lowercase"),
+    (lambda s: s["model"]["merges"].reverse(), "merge order"),
+])
+def test_other_tokenizer_kinds_are_one_line_errors_naming_the_file(change, needle, hf_ranks, tmp_path):
+    path = write_hf_dir(tmp_path, hf_ranks, "gpt2")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    change(spec)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=needle) as e:
+        load_hf_tokenizer(str(path))
+    assert "\n" not in str(e.value) and "tokenizer.json" in str(e.value)
+
+
+def test_prepare_makes_a_reasoning_dataset_with_an_hf_tokenizer_ending_at_its_eos(hf_ranks, tmp_path):
+    from data.prepare import main
+    from data.tasks import TaskConfig
+    model_dir = write_hf_dir(tmp_path / "model", hf_ranks, "smollm", {"config.json": {"eos_token_id": 422}})
+    out = tmp_path / "ds"
+    small = TaskConfig(train_examples=40, val_examples=10)
+    args = ["reasoning", "--out", str(out), "--tokenizer", f"hf:{model_dir}", "--train_examples", "40",
+            "--val_examples", "10"]
+    main(args)
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(meta["tokenizer"], str(out))
+    assert meta["tokenizer"]["name"] == "hf" and (tok.bos_id, tok.eos_id) == (422, 422)
+    ids = np.fromfile(out / "train.bin", dtype=meta["dtype"]).tolist()
+    assert ids[0] == 422 and ids[-1] == 422 and ids.count(422) == 2 * small.train_examples  # <bos> doc <eos>
+    docs = tok.decode(ids).split("<|im_end|>")
+    assert "\n" in docs[1] and tok.encode(docs[1]) == ids[1:ids.index(422, 1)]
