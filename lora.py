@@ -7,7 +7,7 @@
 Ideas it rests on:
 - LoRALinear(x) = base(x) + s * B (A dropout(x)), s = alpha / rank, A (r, K) random, B (N, r) zero, so training
   starts from the base's function; only A and B require grad.
-- A 4-bit base (Frozen4bitLinear) keeps only codes packed 8 per int32 word (kernels.pack_int4), a scale per group
+- A 4-bit base (quant.Int4Linear) keeps only codes packed 8 per int32 word (kernels.pack_int4), a scale per group
   of K (fp16, or double-quantized: int8 codes of the scales' deviation from their mean, one fp32 absmax per 256
   scales, QLoRA's trick at 8 bits) and, for affine int4, a zero point per group. NF4 codes index QLoRA's 16
   normal-quantile levels (quant.NF4_LEVELS). Its forward and input gradient go through kernels.int4_matmul:
@@ -33,7 +33,6 @@ DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every linear layer of the bloc
 BASE_GRAMMAR = ("float, or int4gG / nf4gG with G in 32, 64, 128, 256, optionally -dq (e.g. int4g64, nf4g64-dq); "
                 "int3gG / int2gG keep 3- or 2-bit codes in the same 4-bit words (a lower-bit base's quality, "
                 "not its memory)")
-DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
 LOFTQ_SPLITS = ("lora", "sqrt")  # how loftq_init shares the rank-r product between A and B
 A_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of A under nn.Linear's kaiming_uniform_(a=sqrt(5)) init
 _BASE_RE = re.compile(r"(?P<kind>int[234]|nf4)g(?P<group>\d+)(?P<dq>-dq)?")
@@ -55,33 +54,15 @@ def _spec(kind, group):
     return quant.parse_spec(f"w{kind[3]}g{group}" if kind != "nf4" else f"nf4g{group}")
 
 
-def double_quantize(scales):
-    """int8 codes of (scales - mean) per block of DQ_BLOCK scales, their fp32 absmax and the fp32 mean."""
-    flat = scales.float().flatten()
-    mean = flat.mean()
-    pad = (-flat.numel()) % DQ_BLOCK
-    dev = torch.nn.functional.pad(flat - mean, (0, pad)).view(-1, DQ_BLOCK)
-    absmax = dev.abs().amax(1).clamp(min=1e-12)
-    codes = torch.round(dev / absmax[:, None] * 127).to(torch.int8).flatten()[:flat.numel()]
-    return codes, absmax, mean.reshape(1)
-
-
-def double_dequantize(codes, absmax, mean, shape):
-    n = codes.numel()
-    pad = (-n) % DQ_BLOCK
-    dev = F.pad(codes.float(), (0, pad)).view(-1, DQ_BLOCK) * (absmax[:, None] / 127)
-    return (dev.flatten()[:n] + mean).view(shape)
-
-
 def quantize_base(w, fmt):
-    """The buffers of a Frozen4bitLinear holding w (N, K) in format fmt: packed, scales (or scale_codes,
+    """The buffers of a frozen base (quant.Int4Linear) holding w (N, K) in format fmt: packed, scales (or scale_codes,
     scale_absmax, scale_mean with -dq) and zeros (int4 only)."""
     kind, g, dq = parse_base(fmt)
     spec = _spec(kind, g)
     q, s, z = quant.quantize_weight(w.detach().float(), spec, g)
     out = dict(packed=kernels.pack_int4(q))
     if dq:
-        out["scale_codes"], out["scale_absmax"], out["scale_mean"] = double_quantize(s)
+        out["scale_codes"], out["scale_absmax"], out["scale_mean"] = quant.double_quantize(s)
     else:
         out["scales"] = s.half()
     if kind != "nf4":  # affine integers: a zero point per group
@@ -89,71 +70,38 @@ def quantize_base(w, fmt):
     return out
 
 
-class Frozen4bitLinear(nn.Module):
-    """A frozen linear layer of 4-bit codes (int4 affine groups, 3- or 2-bit ones in the same words, or NF4 with
-    optional double-quantized scales); y = x W^T + b through kernels.int4_matmul (Triton on CUDA, the chunked
-    torch path elsewhere)."""
+def frozen_base(in_features, out_features, bias, fmt, device=None):
+    """An empty quant.Int4Linear for base format fmt (int4gG, nf4gG, nf4gG-dq, int3gG, int2gG), bias frozen."""
+    kind, g, dq = parse_base(fmt)
+    if kind == "float":
+        raise ValueError("a frozen 4-bit base holds a 4-bit format, not float")
+    if in_features % g:
+        raise ValueError(f"in_features {in_features} is not a multiple of the group size {g} of {fmt}")
+    base = quant.Int4Linear(in_features, out_features, bias, _spec(kind, g), g, device=device, double_quant=dq)
+    if base.bias is not None:
+        base.bias.requires_grad_(False)
+    return base
 
-    stores_codes = True  # GPT.get_num_params counts its weight at in x out
 
-    def __init__(self, in_features, out_features, bias, fmt, device=None):
-        super().__init__()
-        kind, g, dq = parse_base(fmt)
-        if kind == "float":
-            raise ValueError("Frozen4bitLinear holds a 4-bit format, not float")
-        if in_features % g:
-            raise ValueError(f"in_features {in_features} is not a multiple of the group size {g} of {fmt}")
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        self.kind, self.group_size, self.dq = kind, g, dq
-        N, G = out_features, in_features // g
-        self.register_buffer("packed", torch.zeros(N, in_features // 8, dtype=torch.int32, device=device))
-        if dq:
-            self.register_buffer("scale_codes", torch.zeros(N * G, dtype=torch.int8, device=device))
-            self.register_buffer("scale_absmax", torch.ones(-(-N * G // DQ_BLOCK), device=device))
-            self.register_buffer("scale_mean", torch.zeros(1, device=device))
-        else:
-            self.register_buffer("scales", torch.ones(N, G, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(N, G, dtype=torch.uint8, device=device) if kind != "nf4" else None)
-        self.register_buffer("lut", quant.NF4_LEVELS.to(device) if kind == "nf4" else None, persistent=False)
-        self.bias = nn.Parameter(torch.zeros(N, device=device), requires_grad=False) if bias else None
-
-    @torch.no_grad()
-    def load_quantized_(self, tensors):
-        for k, v in tensors.items():
-            getattr(self, k).copy_(v)
-        return self
-
-    def group_scales(self):
-        """(N, K // g) scales: the fp16 buffer, or dequantized from the double quantization (1/g of W's size)."""
-        if not self.dq:
-            return self.scales
-        return double_dequantize(self.scale_codes, self.scale_absmax, self.scale_mean,
-                                 (self.out_features, self.in_features // self.group_size))
-
-    def dequantized_weight(self, dtype=torch.float32):
-        return kernels.dequantize_int4(self.packed, self.group_scales(), self.zeros, self.group_size, dtype, self.lut)
-
-    def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        backend = "triton" if x.is_cuda else "chunked"
-        y = kernels.int4_matmul(x, self.packed, self.group_scales(), self.zeros, self.group_size, backend, self.lut)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
+def base_format(layer):
+    """The base format a frozen layer holds: float, or e.g. nf4g64-dq for a quant.Int4Linear."""
+    if not isinstance(layer, quant.Int4Linear):
+        return "float"
+    spec = layer.spec
+    kind = "nf4" if spec.kind == "nf4" else f"int{spec.bits}"
+    return f"{kind}g{layer.group_size}" + ("-dq" if layer.double_quant else "")
 
 
 def dequantize_base(tensors, fmt, shape):
     """W (N, K) fp32 from quantize_base's buffers."""
-    m = Frozen4bitLinear(shape[1], shape[0], False, fmt, device=tensors["packed"].device)
+    m = frozen_base(shape[1], shape[0], False, fmt, device=tensors["packed"].device)
     return m.load_quantized_(tensors).dequantized_weight()
 
 
 # ----------------------------------------------------------------------------- adapters
 
 class LoRALinear(nn.Module):
-    """base(x) + (alpha / rank) * B A dropout(x); base frozen (nn.Linear or Frozen4bitLinear), A and B train."""
+    """base(x) + (alpha / rank) * B A dropout(x); base frozen (nn.Linear or quant.Int4Linear), A and B train."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -162,7 +110,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        dev = base.packed.device if isinstance(base, Frozen4bitLinear) else base.weight.device
+        dev = base.packed.device if isinstance(base, quant.Int4Linear) else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init for a (rank x K) layer
@@ -172,10 +120,10 @@ class LoRALinear(nn.Module):
 
     @property
     def fmt(self):
-        return self.base.fmt if isinstance(self.base, Frozen4bitLinear) else "float"
+        return base_format(self.base)
 
     def base_weight(self, dtype=torch.float32):
-        if isinstance(self.base, Frozen4bitLinear):
+        if isinstance(self.base, quant.Int4Linear):
             return self.base.dequantized_weight(dtype)
         return self.base.weight.detach().to(dtype)
 
@@ -247,7 +195,7 @@ def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", 
             return None
         if kind == "float":
             return LoRALinear(m, rank, alpha, dropout)
-        frozen = Frozen4bitLinear(m.in_features, m.out_features, m.bias is not None, base, device=m.weight.device)
+        frozen = frozen_base(m.in_features, m.out_features, m.bias is not None, base, device=m.weight.device)
         if m.bias is not None:
             frozen.bias.data.copy_(m.bias.detach())
         new = LoRALinear(frozen, rank, alpha, dropout)
@@ -316,8 +264,8 @@ def restore_(model, desc):
     def swap(name, m):
         if name not in names:
             return None
-        base = m if kind == "float" else Frozen4bitLinear(m.in_features, m.out_features, m.bias is not None,
-                                                          desc["base"], device=m.weight.device)
+        base = m if kind == "float" else frozen_base(m.in_features, m.out_features, m.bias is not None,
+                                                     desc["base"], device=m.weight.device)
         return LoRALinear(base, desc["rank"], desc["alpha"], desc["dropout"])
     quant._swap(model, swap)
     return model

@@ -79,13 +79,26 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     and the activations autocast keeps in bf16 (measured on CPU; on CUDA reasoned, not yet measured). DDP adds
     its gradient buckets; FSDP divides weights, gradients and optimizer state by the world size and adds one
     gathered block."""
-    c = model.config
+    s = 2 if dtype == "bfloat16" else 4   # bytes of a saved activation
+    est = _resident_bytes(model, world, optim, fsdp, dtype)
+    shape = _StepShape(model, batch * seq_len, seq_len, s, grad_ckpt_every, row_positions)
+    est["activations"] = shape.activations()
+    est["loss"] = _loss_bytes(model, shape.N, chunked_loss)
+    phases = _phase_bytes(est, shape, grad_accum, world if fsdp else 1, _dequant_temporaries(model),
+                          _head_grad(model))
+    est["peak_phase"] = max(phases, key=phases.get)
+    est["peak"] = phases[est["peak_phase"]]
+    return est
+
+
+def _resident_bytes(model, world, optim, fsdp, dtype):
+    """What lives through the whole step: weights and buffers, gradients, optimizer state, communication
+    buffers, and autocast's bf16 weight copies."""
     params = list({id(p): p for p in model.parameters()}.values())
     P = sum(p.numel() for p in params)
     Pt = sum(p.numel() for p in params if p.requires_grad)
-    N, C, V, L = batch * seq_len, c.n_embd, c.vocab_size, c.n_layer
-    s = 2 if dtype == "bfloat16" else 4   # bytes of a saved activation
     shard = world if fsdp else 1
+    L = model.config.n_layer
     block_params = sum(p.numel() for p in model.transformer.h[0].parameters()) if L else 0
     # buffers: a frozen 4-bit base's packed codes, scales and zero points, the rotary tables (FSDP leaves them whole)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -95,52 +108,85 @@ def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_eve
     est["comm_buffers"] = 4 * Pt if world > 1 and not fsdp else (2 * 4 * block_params if fsdp else 0)
     if dtype == "bfloat16":  # autocast keeps a bf16 copy of every weight it casts, for the whole step
         est["weight_copies"] = 2 * P
-    every = grad_ckpt_every
-    cpu_autocast = s == 2 and next(model.parameters()).device.type == "cpu"
-    adapters = [m for m in model.transformer.h[0].modules() if getattr(m, "lora_B", None) is not None] if L else []
-    # LoRA: each adapter keeps x A (rank wide) for B, and with adapter dropout the dropped x (for A)
-    lora = sum(m.rank * s + (s * m.in_features if isinstance(m.dropout, torch.nn.Dropout) else 0) for m in adapters)
-    saved = [N * (_block_bytes(c, ckpt, s, seq_len, cpu_autocast) + (0 if ckpt else lora))
-             for ckpt in (bool(every) and i % every == 0 for i in range(L))]
-    blocks = sum(saved)
-    # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token (fp32);
-    # the embedding's dropout mask
-    whole_step = 16 * N + (4 * N * 2 * C if row_positions and c.rope_heads else 0) + (N * C if c.dropout else 0)
-    # + ln_f's (fp32) input and stats, and its output as the head takes it
-    est["activations"] = blocks + N * (4 * C + s * C + 8) + whole_step
-    head_grad = 4 * V * C if model.lm_head.weight.requires_grad else 0  # (LoRA freezes the tied embedding)
+    return est
+
+
+class _StepShape:
+    """The activation bytes of one micro-batch of N tokens, block by block."""
+
+    def __init__(self, model, N, seq_len, s, every, row_positions):
+        c = self.c = model.config
+        self.N, self.seq_len, self.s, self.every = N, seq_len, s, every
+        self.cpu_autocast = s == 2 and next(model.parameters()).device.type == "cpu"
+        L = c.n_layer
+        self.adapters = [m for m in model.transformer.h[0].modules() if getattr(m, "lora_B", None) is not None] \
+            if L else []
+        # LoRA: each adapter keeps x A (rank wide) for B, and with adapter dropout the dropped x (for A)
+        self.lora = sum(m.rank * s + (s * m.in_features if isinstance(m.dropout, torch.nn.Dropout) else 0)
+                        for m in self.adapters)
+        self.saved = [N * (self.block(ckpt) + (0 if ckpt else self.lora))
+                      for ckpt in (bool(every) and i % every == 0 for i in range(L))]
+        # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token
+        # (fp32); the embedding's dropout mask
+        C = c.n_embd
+        self.whole_step = 16 * N + (4 * N * 2 * C if row_positions and c.rope_heads else 0) + \
+            (N * C if c.dropout else 0)
+
+    def block(self, checkpointed):
+        return _block_bytes(self.c, checkpointed, self.s, self.seq_len, self.cpu_autocast)
+
+    def activations(self):
+        # + ln_f's (fp32) input and stats, and its output as the head takes it
+        C = self.c.n_embd
+        return sum(self.saved) + self.N * (4 * C + self.s * C + 8) + self.whole_step
+
+    def in_blocks(self):
+        """The most the backward holds in blocks: blocks 0..i still hold what they saved, and a checkpointed
+        block i is recomputed whole."""
+        recompute = self.N * (_block_bytes(self.c, False, self.s, self.seq_len, self.cpu_autocast) + self.lora
+                              - _block_bytes(self.c, True, self.s, self.seq_len))
+        every = self.every
+        return max((sum(self.saved[:i + 1]) + (recompute if every and i % every == 0 else 0)
+                    for i in range(self.c.n_layer)), default=0)
+
+
+def _loss_bytes(model, N, chunked_loss):
+    c = model.config
+    V, C = c.vocab_size, c.n_embd
     if chunked_loss:  # d W and d h are made in the forward and kept; one chunk of logits at a time
         from kernels import lce_chunk_rows
         rows = min(N, lce_chunk_rows(N, C))
-        est["loss"] = head_grad + 4 * N * C + 4 * rows * (V + C)
-    else:  # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once (under bf16
-        # autocast the bf16 logits are freed once cast up, and their bf16 gradient is made after these go)
-        est["loss"] = 3 * 4 * V * N
+        return _head_grad(model) + 4 * N * C + 4 * rows * (V + C)
+    # log-softmax's output, its gradient and the logits' gradient (fp32), all three at once (under bf16
+    # autocast the bf16 logits are freed once cast up, and their bf16 gradient is made after these go)
+    return 3 * 4 * V * N
+
+
+def _head_grad(model):
+    c = model.config
+    return 4 * c.vocab_size * c.n_embd if model.lm_head.weight.requires_grad else 0  # (LoRA freezes it)
+
+
+def _phase_bytes(est, shape, grad_accum, shard, dequant, head_grad):
+    """The step's memory at each of its phases."""
+    C, N = shape.c.n_embd, shape.N
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
-    dequant = _dequant_temporaries(model)  # made and freed inside a 4-bit layer's forward or backward
-    # backward of block i: blocks 0..i still hold what they saved, a checkpointed block i is recomputed whole,
-    # its backward holds a 4C-wide gradient beside that (and an adapter's scaled one), and the gradient flowing
-    # in and the head's weight gradient exist
-    recompute = N * (_block_bytes(c, False, s, seq_len, cpu_autocast) + lora - _block_bytes(c, True, s, seq_len))
-    # an adapter's backward scales the gradient of its output: one more gradient as wide as the widest adapter
-    lora_grad = s * N * max((m.out_features for m in adapters), default=0)
-    in_blocks = max((sum(saved[:i + 1]) + (recompute if every and i % every == 0 else 0) for i in range(L)),
-                    default=0)
     accumulated = est["grads"] if grad_accum > 1 else 0
-    phases = dict(
-        # the last block's forward: (nearly) every activation, and one 4-bit layer's temporaries; they are freed
-        # before the loss, whose head is the float embedding
+    # an adapter's backward scales the gradient of its output: one more gradient as wide as the widest adapter
+    lora_grad = shape.s * N * max((m.out_features for m in shape.adapters), default=0)
+    return dict(
+        # the last block's forward: (nearly) every activation, and one 4-bit layer's temporaries (dequant: made
+        # and freed inside a 4-bit layer's forward or backward); they are freed before the loss
         forward=fixed + accumulated + est["activations"] + dequant,
         loss=fixed + accumulated + est["activations"] + est["loss"],
-        backward=fixed + accumulated + whole_step + in_blocks + 4 * N * (4 * C + C) + lora_grad + head_grad
-        + dequant,
+        # the backward of a block holds a 4C-wide gradient beside what the blocks keep (and an adapter's scaled
+        # one), and the gradient flowing in and the head's weight gradient exist
+        backward=fixed + accumulated + shape.whole_step + shape.in_blocks() + 4 * N * (4 * C + C) + lora_grad
+        + head_grad + dequant,
         # the tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
         backward_end=fixed + est["grads"] + 2 * head_grad / shard,
         update=fixed + est["grads"],
     )
-    est["peak_phase"] = max(phases, key=phases.get)
-    est["peak"] = phases[est["peak_phase"]]
-    return est
 
 
 def _dequant_temporaries(model):

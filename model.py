@@ -315,8 +315,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters, with the frozen weight of a quantized layer (quant.Int4Linear, lora.Frozen4bitLinear: they mark
-        themselves with stores_codes) counted at its logical size in x out, not as its packed buffers.
+        """Parameters, with the frozen weight of a quantized layer (quant.Int4Linear and Int8Linear mark themselves
+        with stores_codes) counted at its logical size in x out, not as its packed buffers.
         non_embedding leaves out the position table and an untied token embedding (a lookup, not a matmul)."""
         n = sum(p.numel() for p in self.parameters())
         n += sum(m.in_features * m.out_features for m in self.modules() if getattr(m, "stores_codes", False))

@@ -441,40 +441,87 @@ def _kernel_group(K, g):
                      f"is a multiple of none: give the spec a group size, or skip this layer")
 
 
+DQ_BLOCK = 256  # scales per fp32 absmax in double quantization
+
+
+def double_quantize(scales):
+    """int8 codes of (scales - mean) per block of DQ_BLOCK scales, their fp32 absmax and the fp32 mean."""
+    flat = scales.float().flatten()
+    mean = flat.mean()
+    pad = (-flat.numel()) % DQ_BLOCK
+    dev = F.pad(flat - mean, (0, pad)).view(-1, DQ_BLOCK)
+    absmax = dev.abs().amax(1).clamp(min=1e-12)
+    codes = torch.round(dev / absmax[:, None] * 127).to(torch.int8).flatten()[:flat.numel()]
+    return codes, absmax, mean.reshape(1)
+
+
+def double_dequantize(codes, absmax, mean, shape):
+    n = codes.numel()
+    pad = (-n) % DQ_BLOCK
+    dev = F.pad(codes.float(), (0, pad)).view(-1, DQ_BLOCK) * (absmax[:, None] / 127)
+    return (dev.flatten()[:n] + mean).view(shape)
+
+
 class Int4Linear(nn.Module):
-    """A frozen linear layer with 4-bit codes packed 8 per int32 word (kernels.pack_int4), fp16 scales and uint8
-    zeros per group of K, as buffers; forward through kernels.int4_matmul (Triton on CUDA, dequantize + matmul
-    elsewhere). 2-, 3-bit and ternary codes use the same nibbles. NF4 codes carry no zeros: the kernels look their
-    16 levels up in NF4_LEVELS instead."""
+    """A frozen linear layer of 4-bit codes packed 8 per int32 word (kernels.pack_int4), a scale per group of K
+    (fp16, or with double_quant int8 codes of the scales' deviation from their mean, one fp32 absmax per
+    DQ_BLOCK scales: QLoRA's trick at 8 bits) and, for affine codes, a uint8 zero per group, all buffers. 2-, 3-bit
+    and ternary codes use the same nibbles; NF4 codes carry no zeros: the kernels look their 16 levels up in
+    NF4_LEVELS. Forward and input gradient go through kernels.int4_matmul: the Triton kernels on CUDA, elsewhere
+    the chunked torch path that dequantizes a block of rows at a time (no dense W is kept). It serves models
+    converted by convert_ and the frozen 4-bit bases of lora.py's adapters."""
 
     stores_codes = True  # GPT.get_num_params counts its weight at in x out
 
-    def __init__(self, in_features, out_features, bias, spec, group_size, device=None):
+    def __init__(self, in_features, out_features, bias, spec, group_size, device=None, double_quant=False):
         super().__init__()
+        if in_features % group_size or in_features % 8:
+            raise ValueError(f"in_features {in_features} must be a multiple of 8 and of the group size {group_size}")
         self.in_features, self.out_features = in_features, out_features
-        self.spec, self.group_size = parse_spec(spec), group_size
-        G = in_features // group_size
-        self.register_buffer("packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float16, device=device))
+        self.spec, self.group_size, self.double_quant = parse_spec(spec), group_size, double_quant
+        N, G = out_features, in_features // group_size
+        self.register_buffer("packed", torch.zeros(N, in_features // 8, dtype=torch.int32, device=device))
+        if double_quant:
+            self.register_buffer("scale_codes", torch.zeros(N * G, dtype=torch.int8, device=device))
+            self.register_buffer("scale_absmax", torch.ones(-(-N * G // DQ_BLOCK), device=device))
+            self.register_buffer("scale_mean", torch.zeros(1, device=device))
+        else:
+            self.register_buffer("scales", torch.ones(N, G, dtype=torch.float16, device=device))
         nf4 = self.spec.kind == "nf4"
-        self.register_buffer("zeros", None if nf4 else torch.zeros(out_features, G, dtype=torch.uint8, device=device))
+        self.register_buffer("zeros", None if nf4 else torch.zeros(N, G, dtype=torch.uint8, device=device))
         # NF4's 16 levels, moved with the module (not copied to the device at every call), not saved
         self.register_buffer("lut", NF4_LEVELS.to(device) if nf4 else None, persistent=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(N, device=device)) if bias else None
+
+    @torch.no_grad()
+    def load_quantized_(self, tensors):
+        """Copy in buffers by name (packed, scales or scale_codes/scale_absmax/scale_mean, zeros)."""
+        for k, v in tensors.items():
+            getattr(self, k).copy_(v)
+        return self
+
+    def group_scales(self):
+        """(N, K // g) scales: the fp16 buffer, or dequantized from the double quantization (1/g of W's size)."""
+        if not self.double_quant:
+            return self.scales
+        return double_dequantize(self.scale_codes, self.scale_absmax, self.scale_mean,
+                                 (self.out_features, self.in_features // self.group_size))
 
     def dequantized_weight(self, dtype=torch.float32):
-        return kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size, dtype, self.lut)
+        return kernels.dequantize_int4(self.packed, self.group_scales(), self.zeros, self.group_size, dtype, self.lut)
 
     def forward(self, x):
         if self.spec.act8:
             x = fake_quantize_activations(x)
         if torch.is_autocast_enabled(x.device.type):  # what autocast does to F.linear's input
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = kernels.int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, lut=self.lut)
+        backend = "triton" if x.is_cuda else "chunked"
+        y = kernels.int4_matmul(x, self.packed, self.group_scales(), self.zeros, self.group_size, backend, self.lut)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, spec={self.spec.text}, group_size={self.group_size}"
+        dq = ", double_quant=True" if self.double_quant else ""
+        return f"{self.in_features}, {self.out_features}, spec={self.spec.text}, group_size={self.group_size}{dq}"
 
 
 class Int8Linear(nn.Module):
@@ -551,13 +598,21 @@ def describe(model):
     """What a checkpoint needs to rebuild the model's quantized modules: dict(spec, fake_quant=[names],
     converted=[names]), or None for a float model."""
     kinds = dict(fake_quant=FakeQuantLinear, converted=(Int4Linear, Int8Linear))
-    found = {k: [n for n, m in model.named_modules() if isinstance(m, c)] for k, c in kinds.items()}
-    specs = {m.spec.text for m in model.modules() if hasattr(m, "spec") and isinstance(m.spec, QuantSpec)}
+    own = _outside_adapters(model)
+    found = {k: [n for n, m in own if isinstance(m, c)] for k, c in kinds.items()}
+    specs = {m.spec.text for _, m in own if isinstance(getattr(m, "spec", None), QuantSpec)}
     if not specs:
         return None
     if len(specs) > 1:
         raise ValueError(f"the model mixes quantization specs {sorted(specs)}; describe() records one")
     return dict(spec=specs.pop(), **found)
+
+
+def _outside_adapters(model):
+    """(name, module) pairs but the frozen bases of LoRA adapters (the modules holding lora_A): lora.describe
+    records those, with the adapters."""
+    bases = {f"{n}.base" for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    return [(n, m) for n, m in model.named_modules() if n not in bases]
 
 
 def restore_(model, desc):
@@ -584,7 +639,6 @@ def bits_per_weight(model):
     bits = weights = 0
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):
-            bufs = [m.packed if isinstance(m, Int4Linear) else m.codes, m.scales, m.zeros]
-            bits += 8 * sum(b.numel() * b.element_size() for b in bufs if b is not None)
+            bits += 8 * sum(b.numel() * b.element_size() for name, b in m.named_buffers() if name != "lut")
             weights += m.in_features * m.out_features
     return bits / weights if weights else None

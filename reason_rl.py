@@ -42,6 +42,7 @@ from config import LENGTH_REWARDS, RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
 from evaluate import decode_answer, format_table, summary_line, untagged_summary
+from files import atomic_write
 
 
 # ----------------------------------------------------------------------------- rewards and advantages
@@ -416,8 +417,7 @@ def finish_rl(policy, st, cfg, env, t_start):
                    token_change=end["mean_tokens"] / start["mean_tokens"] - 1,
                    accuracy_change=end["accuracy"] - start["accuracy"],
                    tokens_per_correct_change=_ratio(end["tokens_per_correct"], start["tokens_per_correct"]))
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(os.path.join(cfg.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1), "w")
     st.log.write(dict(step=st.step, final=True, eval=_brief(end)))
     st.log.close()
     print(format_table(end["rows"]))
@@ -452,9 +452,7 @@ def run(cfg, explicit, start_eval=None):
     if cfg.eval_only:
         e = evaluate(policy, cfg, env)
         print(format_table(e["rows"]) + "\n" + summary_line(e))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(e, f, indent=1)
+        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(e, f, indent=1), "w")
         return e
     st = start_state(policy, cfg, env, cfg.resume)
     t_start = time.perf_counter()
@@ -511,10 +509,8 @@ def sweep(cfg, explicit):
         start = start or _load_start(d)
         results.append(dict(length_reward=name, alpha=a, **s["end"], seconds=s["seconds"], start=s["start"]))
     table = sweep_table(results)
-    with open(os.path.join(cfg.out_dir, "sweep.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(cfg.out_dir, "sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(cfg.out_dir, "sweep.md"), lambda f: f.write(table + "\n"), "w")
+    atomic_write(os.path.join(cfg.out_dir, "sweep.json"), lambda f: json.dump(results, f, indent=1), "w")
     print(table)
     _plot(results, os.path.join(cfg.out_dir, "sweep.png"))
     return results

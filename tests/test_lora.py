@@ -82,7 +82,7 @@ def test_chunked_path_keeps_no_dense_weight_between_forward_and_backward(monkeyp
     monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 4096)  # 16 rows of 256 at a time
     N = K = 256
     dense = N * K * 4
-    layer = lora.Frozen4bitLinear(K, N, False, "nf4g64")
+    layer = lora.frozen_base(K, N, False, "nf4g64")
     layer.load_quantized_(lora.quantize_base(torch.randn(N, K), "nf4g64"))
     x = torch.randn(4, K, requires_grad=True)
     kept = {}
@@ -251,8 +251,8 @@ def test_lower_bit_bases_hold_their_codes_in_4_bit_words(bits):
 
 def test_double_quantized_scales_stay_within_half_a_step():
     s = quant._fp16(0.01 + 0.05 * torch.rand(40, 7))  # 280 scales: one full block of 256 and a partial one
-    codes, absmax, mean = lora.double_quantize(s)
-    back = lora.double_dequantize(codes, absmax, mean, s.shape)
+    codes, absmax, mean = quant.double_quantize(s)
+    back = quant.double_dequantize(codes, absmax, mean, s.shape)
     assert codes.dtype == torch.int8 and absmax.numel() == 2
     step = (absmax / 127).repeat_interleave(256)[:280].view(40, 7)
     assert ((back - s).abs() <= 0.5 * step + 1e-7).all()
@@ -378,3 +378,13 @@ def test_bench_lora_section_measures_the_four_variants():
     q8 = by["peak training memory, QLoRA nf4g64, AdamW8bit vs full FT"]
     assert q8["ours"] < q8["baseline"] and q8["measured"].startswith("peak of live tensors")
     assert by["step time, LoRA, float base, fp32 AdamW vs full FT"]["ours"] > 0
+
+
+def test_one_frozen_4bit_class_serves_lora_bases_and_converted_models():
+    """LoRA's frozen bases are quant.Int4Linear, the class convert_ makes; quant.describe leaves them to
+    lora.describe, so a QLoRA checkpoint is not taken for a converted model."""
+    model = lora.add_lora_(tiny_gpt(), rank=4, alpha=8.0, base="nf4g64-dq")
+    bases = [m.base for _, m in lora.lora_layers(model)]
+    assert bases and all(type(b) is quant.Int4Linear and b.double_quant for b in bases)
+    assert quant.describe(model) is None and lora.describe(model)["base"] == "nf4g64-dq"
+    assert all(not p.requires_grad for b in bases for p in b.parameters())

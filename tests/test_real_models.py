@@ -88,7 +88,7 @@ def test_ptq_rtn_and_gptq_quantize_every_llama_linear_and_gptq_errs_less():
 def test_qlora_targets_llama_names_and_trains_only_the_adapters():
     model = lora.add_lora_(llama(), rank=4, alpha=8.0, targets=",".join(LLAMA_LINEARS), base="nf4g64")
     assert layers_of(model, lora.LoRALinear) == sorted(LLAMA_LINEARS)
-    assert all(isinstance(m.base, lora.Frozen4bitLinear) for _, m in lora.lora_layers(model))
+    assert all(isinstance(m.base, quant.Int4Linear) for _, m in lora.lora_layers(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert len(trainable) == 2 * 7 * 2 and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     q = model.transformer.h[0].attn.q_proj.base  # Qwen2's q/k/v bias is kept, frozen, beside the 4-bit codes
