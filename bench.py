@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
                    help="the precision of ours in the train, qat, lora and memory sections (auto: train.py's)")
+    p.add_argument("--init_from", default="", help="generate: time this checkpoint's model instead of the default")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (for tests)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +154,12 @@ def main(argv=None):
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist; create it or give another path")
     env = dict(environment(), dtype=args.dtype)
+    if args.init_from:  # checked before any section runs
+        from checkpoint import load_model
+        try:
+            load_model(args.init_from)
+        except UserError as e:
+            p.error(f"--init_from: {e}")
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
     rows = []
     for name in args.sections or list(SECTIONS):
@@ -240,14 +247,21 @@ def _train_rows(args, name, model, batch):
 
 @section("generate")
 def bench_generate(args):
-    """Tokens/s of generate() with the KV cache against the same model recomputing the whole prefix each step."""
+    """Tokens/s of generate() with the KV cache against the same model recomputing the whole prefix each step: the
+    default model's shape, or with --init_from any checkpoint the project writes (within its block_size)."""
     from model import GPT
-    cfg, _ = default_model_config()
     new, prompt_len = (64 if args.quick else 256), 16
-    # the default model's shape; its position table grows to hold 16 + 256 tokens when block_size is shorter
-    cfg.block_size = max(cfg.block_size, prompt_len + new)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(args.device).eval()
+    if args.init_from:
+        from checkpoint import load_model
+        model = load_model(args.init_from)[0].to(args.device).eval()
+        cfg = model.config
+        new = min(new, cfg.block_size - prompt_len)
+    else:
+        cfg, _ = default_model_config()
+        # the default model's shape; its position table grows to hold 16 + 256 tokens when block_size is shorter
+        cfg.block_size = max(cfg.block_size, prompt_len + new)
+        torch.manual_seed(0)
+        model = GPT(cfg).to(args.device).eval()
     rows = []
     for batch in ((1, 4) if args.quick else (1, 16)):
         x = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=args.device)

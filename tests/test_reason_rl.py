@@ -312,6 +312,9 @@ def test_every_kind_of_checkpoint_evaluates_in_reason_rl_and_train(every_kind, k
                 "--batch_size", "2", "--samples", "0", "--threads", "1", "--out_dir", str(tmp_path / "tr")])
     result = json.load(open(tmp_path / "tr" / "eval.json"))
     assert {r["level"] for r in result["rows"]} == levels and math.isfinite(result["val_loss"])
+    import bench
+    rows = bench.main(["generate", "--quick", "--device", "cpu", "--init_from", every_kind[kind]])
+    assert rows and all(r["ours"] > 0 and r["baseline"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("kind", ["ptq_int4", "lora_nf4g32", "subtraction"])
