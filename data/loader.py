@@ -111,7 +111,8 @@ def make_batches(tokens, meta, block_size, batch_size, seed, rank=0, world_size=
     random windows for plain text."""
     tok = meta["tokenizer"]
     doc = meta.get("kind") == "reasoning"
-    prompt_end = ord(meta.get("prompt_end", "\n")) if doc else None
+    # the prompt's final newline: its token id (datasets made before it was recorded used bytes: its byte value)
+    prompt_end = meta.get("prompt_end_id", ord(meta.get("prompt_end", "\n"))) if doc else None
     return Batches(tokens, block_size, batch_size, seed, doc_aligned=doc, bos_id=tok["bos_id"],
                    prompt_end_id=prompt_end, rank=rank, world_size=world_size, name=name)
 

@@ -76,14 +76,32 @@ def encode_documents(tok, pairs):
     return ids
 
 
+def prompt_end_id(tok, pairs):
+    """The id of the token that ends every prompt (its newline), which the loader masks up to; a ValueError when
+    the tokenizer does not keep that newline a token of its own at the end of the prompts (then the prompts
+    could not be masked out of the loss)."""
+    ids = tok.encode("\n")
+    if len(ids) != 1:
+        raise ValueError(f"the {tok.name} tokenizer splits a newline into {len(ids)} tokens: prompts cannot be masked")
+    for p, a in pairs[:200]:
+        doc, prompt = tok.encode(p + a), tok.encode(p)
+        if doc[:len(prompt)] != prompt or prompt[-1] != ids[0] or ids[0] in prompt[:-1]:
+            raise ValueError(f"the {tok.name} tokenizer merges a prompt's final newline with the answer after it "
+                             f"({p!r} + {a[:12]!r}...): prompts cannot be masked; use another tokenizer")
+    return ids[0]
+
+
 def prepare_reasoning(out_dir, cfg: TaskConfig = None, verbose=True, tokenizer="bytes", default=False):
     """Generate the reasoning corpus into out_dir with tokenizer bytes, gpt2 or hf:DIR; returns its meta dict.
     default: built as the built-in corpus (which train.py may rebuild when data/tasks.py changes)."""
     cfg = cfg or TaskConfig()
     tok = named_tokenizer(tokenizer)
-    train = encode_documents(tok, make_examples(cfg, "train", cfg.train_examples))
+    examples = make_examples(cfg, "train", cfg.train_examples)
+    end_id = prompt_end_id(tok, examples)
+    train = encode_documents(tok, examples)
     val = encode_documents(tok, make_examples(cfg, "val", cfg.val_examples))
     meta = write_dataset(out_dir, train, val, tok, dict(kind="reasoning", task=asdict(cfg), prompt_end="\n",
+                                                         prompt_end_id=end_id,
                                                          format_version=FORMAT_VERSION,
                                                          built_as_default=default))
     if verbose:

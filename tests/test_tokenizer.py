@@ -435,3 +435,22 @@ def test_prepare_makes_a_reasoning_dataset_with_an_hf_tokenizer_ending_at_its_eo
     assert ids[0] == 422 and ids[-1] == 422 and ids.count(422) == 2 * small.train_examples  # <bos> doc <eos>
     docs = tok.decode(ids).split("<|im_end|>")
     assert "\n" in docs[1] and tok.encode(docs[1]) == ids[1:ids.index(422, 1)]
+
+
+def test_loader_masks_exactly_the_prompt_tokens_of_an_hf_tokenized_corpus(hf_ranks, tmp_path):
+    """The prompt's final newline is another id than its byte value under an HF tokenizer: meta.json records it,
+    and the loader masks every document's prompt tokens, and only those, out of the loss."""
+    from data.loader import make_batches
+    from data.prepare import main
+    model_dir = write_hf_dir(tmp_path / "model", hf_ranks, "smollm", {"config.json": {"eos_token_id": 422}})
+    out = tmp_path / "ds"
+    main(["reasoning", "--out", str(out), "--tokenizer", f"hf:{model_dir}", "--train_examples", "40",
+          "--val_examples", "10"])
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(meta["tokenizer"], str(out))
+    assert meta["prompt_end_id"] == tok.encode("\n")[0] != ord("\n")
+    tokens = np.fromfile(out / "train.bin", dtype=meta["dtype"])
+    x, y, pos = make_batches(tokens, meta, 48, 8, seed=0).next()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        end = row_x.index(meta["prompt_end_id"])  # rows start at a document's bos
+        assert all(t == -1 for t in row_y[:end]) and row_y[end] != -1, (row_x[:end + 2], row_y[:end + 2])
