@@ -49,24 +49,51 @@ def parse_bytes(text):
 
 def _block_bytes(c, checkpointed, s, seq_len, cpu_autocast=False):
     """Bytes one block keeps for backward, per token, activations being s bytes (2 under bf16 autocast, where
-    the residual stream and the LayerNorms' inputs stay fp32). Plain: the block input (kept by ln_1) and the
-    residual after attention (ln_2), in fp32; ln_1's and ln_2's outputs as c_attn and c_fc take them; q|k|v (by
-    attention: views of one tensor), rotated q and k (when rope_heads), attention's output (by its backward and
-    by c_proj: flash attention returns it in (B, T, H, hd) order, so .contiguous() copies nothing); c_fc's
-    output (GELU) and GELU's output (c_proj): 16C (+2C) values, plus two LayerNorms' mean and rstd and attention's
-    log-sum-exp per head (fp32). cpu_autocast: bf16 autocast on CPU, where model.py runs attention in fp32: it
-    keeps fp32 q, k, v and output (4C at 4 bytes, with rope or not) and c_proj its own bf16 copy of the output.
-    With dropout: two bool masks, and attention takes the math path, which keeps the probabilities, the dropout
-    mask and the dropped probabilities (H x T each). Checkpointed: its (fp32) input."""
-    C, H = c.n_embd, c.n_head
+    the residual stream and the norms' inputs stay fp32). Checkpointed: its (fp32) input. Counted tensor by
+    tensor with autograd's saved-tensor hook (tests/test_memory.py) for GPT-2's block and Llama's."""
+    C = c.n_embd
     if checkpointed:
         return 4 * C
-    if cpu_autocast:
-        attention, a = 4 * 4 * C + s * C, 4
+    q, kv = c.n_head * c.head_size, c.kv_heads * c.head_size  # widths of q (and the output) and of k, v
+    if c.mlp == "swiglu":
+        n = _llama_block_bytes(c, s, cpu_autocast, q, kv)
     else:
-        attention, a = s * (4 * C + (2 * C if c.rope_heads else 0)), s
-    n = 4 * 2 * C + s * 2 * C + attention + s * 8 * C + 4 * (4 + H)
-    return n + (2 * C + 3 * a * H * seq_len if c.dropout > 0 else 0)
+        n = _gpt2_block_bytes(c, s, cpu_autocast, q, kv)
+    return n + (2 * C + 3 * (4 if cpu_autocast else s) * c.n_head * seq_len if c.dropout > 0 else 0)
+
+
+def _gpt2_block_bytes(c, s, cpu_autocast, q, kv):
+    """The block input (kept by ln_1) and the residual after attention (ln_2), in fp32; ln_1's and ln_2's outputs
+    as c_attn and c_fc take them; q|k|v (by attention: views of one tensor), rotated q and k (when rope_heads),
+    attention's output (by its backward and by c_proj: flash attention returns it in (B, T, H, hd) order, so
+    .contiguous() copies nothing); c_fc's output (GELU) and GELU's output (c_proj), plus two LayerNorms' mean and
+    rstd and attention's log-sum-exp per head (fp32). cpu_autocast: bf16 autocast on CPU, where model.py runs
+    attention in fp32: it keeps fp32 q, k, v and output, with rope or not, and c_proj its own bf16 copy of the
+    output. With dropout: two bool masks, and attention takes the math path, which keeps the probabilities, the
+    dropout mask and the dropped probabilities (H x T each)."""
+    C, H = c.n_embd, c.n_head
+    if cpu_autocast:
+        attention = 4 * (2 * q + 2 * kv) + s * q
+    else:
+        attention = s * (2 * q + 2 * kv + ((q + kv) if c.rope_heads else 0))
+    return 4 * 2 * C + s * 2 * C + attention + s * 2 * c.mlp_hidden + 4 * (4 + H)
+
+
+def _llama_block_bytes(c, s, cpu_autocast, q, kv):
+    """RMSNorms (computed in fp32) keep their input, rstd and the normalised input; each projection keeps its
+    input (one shared tensor in fp32; under autocast q, k, v, gate and up each cast their own bf16 copy);
+    attention keeps the rotated q and k (the unrotated ones are not needed: rope multiplies by constant tables),
+    v, its output and log-sum-exp (in fp32 on CPU, with o_proj's bf16 copy of the output under autocast);
+    qk_norm keeps the same three per head of q and k; SwiGLU keeps gate's, up's and silu's outputs and their
+    product (down_proj's input)."""
+    C, H, I = c.n_embd, c.n_head, c.mlp_hidden
+    norms = 2 * (4 * C + 4 + 4 * C) + (4 * 2 * C if s == 4 else s * 5 * C)
+    if cpu_autocast:
+        attention = 4 * (2 * q + 2 * kv) + s * q
+    else:
+        attention = (4 if s == 4 else s) * (2 * q + 2 * kv)
+    qk_norm = 2 * 4 * (q + kv) + 4 * (H + c.kv_heads) if c.qk_norm else 0
+    return norms + attention + 4 * H + qk_norm + s * 4 * I
 
 
 def estimate_memory(model, batch, seq_len, world=1, optim="adamw", grad_ckpt_every=0, chunked_loss=False,
@@ -128,17 +155,18 @@ class _StepShape:
                       for ckpt in (bool(every) and i % every == 0 for i in range(L))]
         # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token
         # (fp32); the embedding's dropout mask
-        C = c.n_embd
-        self.whole_step = 16 * N + (4 * N * 2 * C if row_positions and c.rope_heads else 0) + \
+        C, q = c.n_embd, c.n_head * c.head_size
+        self.whole_step = 16 * N + (4 * N * 2 * q if row_positions and c.rope_heads else 0) + \
             (N * C if c.dropout else 0)
 
     def block(self, checkpointed):
         return _block_bytes(self.c, checkpointed, self.s, self.seq_len, self.cpu_autocast)
 
     def activations(self):
-        # + ln_f's (fp32) input and stats, and its output as the head takes it
+        # + ln_f's (fp32) input and stats (RMSNorm: rstd and the normalised input), its output as the head takes it
         C = self.c.n_embd
-        return sum(self.saved) + self.N * (4 * C + self.s * C + 8) + self.whole_step
+        stats = 4 + 4 * C if self.c.norm == "rmsnorm" else 8
+        return sum(self.saved) + self.N * (4 * C + self.s * C + stats) + self.whole_step
 
     def in_blocks(self):
         """The most the backward holds in blocks: blocks 0..i still hold what they saved, and a checkpointed
@@ -170,6 +198,7 @@ def _head_grad(model):
 def _phase_bytes(est, shape, grad_accum, shard, dequant, head_grad):
     """The step's memory at each of its phases."""
     C, N = shape.c.n_embd, shape.N
+    hidden = shape.c.mlp_hidden * (2 if shape.c.mlp == "swiglu" else 1)
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
     accumulated = est["grads"] if grad_accum > 1 else 0
     # an adapter's backward scales the gradient of its output: one more gradient as wide as the widest adapter
@@ -179,12 +208,12 @@ def _phase_bytes(est, shape, grad_accum, shard, dequant, head_grad):
         # and freed inside a 4-bit layer's forward or backward); they are freed before the loss
         forward=fixed + accumulated + est["activations"] + dequant,
         loss=fixed + accumulated + est["activations"] + est["loss"],
-        # the backward of a block holds a 4C-wide gradient beside what the blocks keep (and an adapter's scaled
-        # one), and the gradient flowing in and the head's weight gradient exist
-        backward=fixed + accumulated + shape.whole_step + shape.in_blocks() + 4 * N * (4 * C + C) + lora_grad
+        # the backward of a block holds its MLP's hidden gradient (two for SwiGLU) beside what the blocks keep (and
+        # an adapter's scaled one), and the gradient flowing in and the head's weight gradient exist
+        backward=fixed + accumulated + shape.whole_step + shape.in_blocks() + 4 * N * (hidden + C) + lora_grad
         + head_grad + dequant,
-        # the tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
-        backward_end=fixed + est["grads"] + 2 * head_grad / shard,
+        # a tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
+        backward_end=fixed + est["grads"] + (2 * head_grad / shard if shape.c.tie_embeddings else 0),
         update=fixed + est["grads"],
     )
 

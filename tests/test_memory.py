@@ -142,15 +142,27 @@ PLAN_CONFIGS = {  # (model, batch, grad_ckpt_every, chunked_loss)
     "grad_ckpt": (dict(n_layer=3, n_head=4, n_embd=64, vocab_size=2000, block_size=128, rope_heads=2), 4, 1, False),
     "chunked": (dict(n_layer=3, n_head=4, n_embd=64, vocab_size=2000, block_size=128), 4, 0, True),
     "ckpt2+chunked": (dict(n_layer=4, n_head=2, n_embd=32, vocab_size=500, block_size=256), 8, 2, True),
+    # Llama / Qwen shapes: RMSNorm, SwiGLU, grouped-query attention, rope on every head, an untied head
+    "llama-gqa": (dict(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=176, vocab_size=2000,
+                       block_size=128, rope_heads=4, norm="rmsnorm", mlp="swiglu", learned_pos=False, tie_embeddings=False), 4, 0, False),
+    "qwen3-ckpt+chunked": (dict(n_layer=3, n_head=4, n_kv_head=1, n_embd=64, head_dim=24, qk_norm=True,
+                                vocab_size=2000, block_size=128, rope_heads=4, norm="rmsnorm", mlp="swiglu", learned_pos=False, tie_embeddings=False), 4, 1, True),
+}
+LLAMA_BLOCKS = {  # every option the Llama and Qwen families add, for the block-bytes test
+    "gpt2": {},
+    "llama": dict(rope_heads=4, n_kv_head=2, norm="rmsnorm", mlp="swiglu", learned_pos=False, tie_embeddings=False),
+    "qwen2": dict(rope_heads=4, n_kv_head=1, qkv_bias=True, intermediate_size=96, norm="rmsnorm", mlp="swiglu", learned_pos=False, tie_embeddings=False),
+    "qwen3": dict(rope_heads=4, n_kv_head=2, head_dim=24, qk_norm=True, norm="rmsnorm", mlp="swiglu", learned_pos=False, tie_embeddings=False),
 }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rope_heads", [0, 2])
-def test_block_bytes_are_what_autograd_saves(dtype, rope_heads):
+@pytest.mark.parametrize("family,rope_heads", [("gpt2", 0), ("gpt2", 2), ("llama", 4), ("qwen2", 4), ("qwen3", 4)])
+def test_block_bytes_are_what_autograd_saves(dtype, family, rope_heads):
     """The per-token bytes a block keeps for backward, counted by autograd's saved-tensor hook (each storage
     once; the weights and, under bf16 autocast, their bf16 copies left out: the estimate counts those apart)."""
-    c = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=96, rope_heads=rope_heads)
+    c = GPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=96, rope_heads=rope_heads),
+                     **LLAMA_BLOCKS[family]})
     model = GPT(c)
     B, T = 3, 96
     pos = torch.arange(T).repeat(B, 1)
@@ -193,7 +205,10 @@ def test_estimate_meets_the_measured_peak(name, dtype):
                                  dtype=dtype)
     # the estimate counts the tensors autograd keeps, phase by phase; on these shapes it lands within 1% of the
     # dispatcher-level peak (the issue asks for 15%; 5% leaves room for small tensors it does not list)
-    assert abs(est["peak"] / measured - 1) < 0.05, (memory.format_estimate(est), measured / 2 ** 20)
+    # (Llama shapes: 10%, the planner's promise there; bf16 with checkpointing counts the backward's gradients at
+    # fp32 width, on the safe side)
+    tol = 0.10 if "llama" in name or "qwen" in name else 0.05
+    assert abs(est["peak"] / measured - 1) < tol, (memory.format_estimate(est), measured / 2 ** 20)
 
 
 @pytest.mark.parametrize("base,chunked,vocab", [("float", False, 500), ("nf4g64", False, 500), ("int4g64", False, 500),
