@@ -140,6 +140,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
                    help="the precision of ours in the train, qat, lora and memory sections (auto: train.py's)")
+    p.add_argument("--shape", default="gpt2-small", choices=SHAPES,
+                   help="the real model shape (random weights) of the lora and memory sections, and a third "
+                        "train row")
     p.add_argument("--init_from", default="", help="generate: time this checkpoint's model instead of the default")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (for tests)")
     args = p.parse_args(argv)
@@ -185,6 +188,26 @@ def default_model_config(vocab_size=259):
                      n_embd=d.n_embd, rope_heads=d.rope_heads, bias=d.bias), d.batch_size
 
 
+def real_shape(name, block_size):
+    """GPTConfig of a real model's shape (random weights): gpt2-small, or SmolLM2-135M and Qwen2.5-0.5B as their
+    config.json describe them (RMSNorm, SwiGLU, grouped-query attention, rope on every head, tied embeddings)."""
+    from model import GPTConfig
+    llama = dict(norm="rmsnorm", mlp="swiglu", learned_pos=False, bias=False)
+    shapes = {
+        "gpt2-small": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768),
+        "smollm2-135m": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                             rope_heads=9, rope_base=100000.0, **llama),
+        "qwen2.5-0.5b": dict(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896,
+                             intermediate_size=4864, rope_heads=14, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                             **llama),
+    }
+    return GPTConfig(block_size=block_size, **shapes[name])
+
+
+SHAPES = ("gpt2-small", "smollm2-135m", "qwen2.5-0.5b")
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def train_step(model, opt, x, ctx):
     """One training step on x (its own targets): forward under ctx, backward, update, clear the gradients."""
     def step():
@@ -201,7 +224,7 @@ def bench_train(args):
     """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens, in the
     precision of --dtype (auto: what train.py picks here, bf16 autocast on CUDA and on CPUs with native bf16)
     against the same step in fp32, in alternating rounds."""
-    from model import GPT, GPTConfig
+    from model import GPTConfig
     cuda = args.device.startswith("cuda")
     default, default_batch = default_model_config()
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
@@ -210,16 +233,20 @@ def bench_train(args):
         gpt2 = GPTConfig(block_size=64, vocab_size=2048, n_layer=2, n_head=4, n_embd=128)
     configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-tiny",
                                                      gpt2, 8 if cuda else 1)]
+    if args.shape != "gpt2-small" and not args.quick:  # a Llama-family shape beside them, at 256 tokens a row
+        configs.append((args.shape, real_shape(args.shape, 256), 8 if cuda else 1))
     rows = []
     for name, cfg, batch in configs:
-        rows += _train_rows(args, name, GPT(cfg).to(args.device), batch)
+        rows += _train_rows(args, name, cfg, batch)
     return rows
 
 
-def _train_rows(args, name, model, batch):
+def _train_rows(args, name, cfg, batch):
     import memory
+    from model import GPT
     torch.manual_seed(0)
-    cfg, cuda, dtype = model.config, args.device.startswith("cuda"), args.dtype
+    model = GPT(cfg).to(args.device)
+    cuda, dtype = args.device.startswith("cuda"), args.dtype
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=args.device)
     rounds = 10 if cuda else 2 if args.quick or name != "default" else 7
@@ -256,6 +283,9 @@ def bench_generate(args):
         model = load_model(args.init_from)[0].to(args.device).eval()
         cfg = model.config
         new = min(new, cfg.block_size - prompt_len)
+        if new < 1:
+            return [row("generate", f"skipped: block_size {cfg.block_size} leaves no room after {prompt_len} tokens",
+                        None)]
     else:
         cfg, _ = default_model_config()
         # the default model's shape; its position table grows to hold 16 + 256 tokens when block_size is shorter
@@ -371,8 +401,8 @@ def bench_qat(args):
 
 @section("lora")
 def bench_lora(args):
-    """Fine-tuning memory and speed on a GPT-2-small-shaped model (12 x 768, vocab 50257) at short rows (1 x 128
-    tokens on CPU, 8 x 128 on CUDA): full fine-tuning with fp32 AdamW, LoRA (rank 16 on every block linear) on
+    """Fine-tuning memory and speed on a real model's shape (--shape: GPT-2 small by default, SmolLM2-135M or
+    Qwen2.5-0.5B; random weights) at short rows (1 x 128 tokens on CPU, 8 x 128 on CUDA): full fine-tuning with fp32 AdamW, LoRA (rank 16 on every block linear) on
     the frozen float model, QLoRA (the same adapters on an nf4g64 base) with fp32 AdamW, and QLoRA with
     optim.AdamW8bit. Memory is one training step's peak of live tensors, resident ones (weights, buffers,
     optimizer state) included: the CUDA allocator's, or on CPU counted at the dispatcher (memory.TensorPeak); on
@@ -383,8 +413,7 @@ def bench_lora(args):
     import optim
     from model import GPT, GPTConfig
     dev, cuda, s = args.device, args.device.startswith("cuda"), "lora"
-    cfg, batch, rank, rounds = GPTConfig(block_size=128, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), \
-        (8 if cuda else 1), 16, (5 if cuda else 3)
+    cfg, batch, rank, rounds = real_shape(args.shape, 128), (8 if cuda else 1), 16, (5 if cuda else 3)
     if args.quick:
         cfg, rank, rounds = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=64), 4, 1
     ctx = runtime.autocast(dev, args.dtype)
@@ -395,7 +424,8 @@ def bench_lora(args):
         torch.manual_seed(0)
         model = GPT(cfg).to(dev)
         if base:
-            lora.add_lora_(model, rank, 2.0 * rank, base=base)
+            targets = lora.DEFAULT_TARGETS if cfg.mlp == "gelu" else LLAMA_LINEARS
+            lora.add_lora_(model, rank, 2.0 * rank, targets=targets, base=base)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, opt_cls(params, lr=1e-4) if opt_cls is optim.AdamW8bit else opt_cls(params, lr=1e-4, fused=True)
     variants = {"full FT, fp32 AdamW": build(None, torch.optim.AdamW),
@@ -429,8 +459,8 @@ def bench_lora(args):
 
 @section("memory")
 def bench_memory(args):
-    """Activation checkpointing and the chunked loss, on and off in the same run, for a GPT-2-small-shaped model at
-    1024 tokens a row (vocab 50257): one training step's peak memory and tokens/s for each option, then the two
+    """Activation checkpointing and the chunked loss, on and off in the same run, for a real model's shape
+    (--shape: GPT-2 small by default) at 1024 tokens a row: one training step's peak memory and tokens/s for each option, then the two
     parts they shrink, measured alone: the loss step (lm_head + cross-entropy, forward and backward) and the
     blocks' activation memory (the peak of a forward and backward over weights, gradients and optimizer state,
     with gradients already allocated and the tied embedding frozen, so what is left is activations). Memory is
@@ -438,7 +468,7 @@ def bench_memory(args):
     RSS is reported beside it (rss_mib). Times are medians of steps that alternate between the options."""
     from model import GPT, GPTConfig
     cuda = args.device.startswith("cuda")
-    cfg = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+    cfg = real_shape(args.shape, 1024)
     batch, rounds = (8 if cuda else 1), (5 if cuda else 2)
     if args.quick:
         cfg, rounds = GPTConfig(block_size=256, vocab_size=8192, n_layer=2, n_head=4, n_embd=128), 1

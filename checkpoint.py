@@ -28,7 +28,7 @@ from config import RENAMED, UserError
 from files import atomic_write
 from model import GPT, config_from_dict
 
-RESUME_KEYS = ("model", "model_config", "optimizer", "step", "config", "rng")
+RESUME_KEYS = ("model", "model_config", "optimizer", "step", "config", "rng", "loader")
 
 
 def save_checkpoint(path, state):
@@ -67,18 +67,16 @@ def load_checkpoint(path, for_resume=False):
 
 
 def _calls_code(path):
-    """True when the file is a well-formed pickle (plain, or inside torch's zip format) that imports or calls
-    something: what weights_only refused in a file that is not merely corrupt."""
+    """True when the file asks the unpickler for globals outside torch's weights-only allow-list (which could run
+    code), rather than being merely damaged: torch's own scan for its zip format, an opcode scan for a plain
+    pickle (which a checkpoint of this project never is)."""
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                data = z.read(name) if name else b""
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+            return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
         ops = [op.name for op, _, _ in pickletools.genops(data)]
-    except Exception:  # noqa: BLE001 - not a well-formed pickle: corrupt
+    except Exception:  # noqa: BLE001 - not readable as a checkpoint or a pickle: damaged
         return False
     return any(op in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX") for op in ops)
 

@@ -46,3 +46,26 @@ def atomic_write(path, write, mode="wb"):
             os.remove(tmp)
         raise
     fsync_dir(folder)
+    _remove_stale_temporaries(folder, os.path.basename(path))
+
+
+def _remove_stale_temporaries(folder, name):
+    """Temporary files of `name` left by processes that were killed mid-write (a checkpoint's can be gigabytes)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        pid = entry[len(prefix):-len(".tmp")] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

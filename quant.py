@@ -635,7 +635,8 @@ def is_quantized(model):
 
 
 def bits_per_weight(model):
-    """Storage bits per weight of the converted linear layers: codes, scales and zeros (biases excluded)."""
+    """Storage bits per weight of the 4- to 8-bit linear layers (converted ones and LoRA's frozen bases): codes,
+    scales and zeros (biases excluded)."""
     bits = weights = 0
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):

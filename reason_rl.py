@@ -353,7 +353,7 @@ def start_state(policy, cfg, env, resumed):
             ref.load_state_dict(rl["ref"])
         st.step, st.history = ck["step"], rl["history"]
         runtime.set_rng_state(ck["rng"], 0, env.device)
-        st.prompt_rng.setstate(runtime._as_tuple(rl["prompt_rng"]))
+        st.prompt_rng.setstate(runtime.as_tuple(rl["prompt_rng"]))
         gen.set_state(rl["generator"])
     os.makedirs(cfg.out_dir, exist_ok=True)
     st.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), st.step if resumed else None)
@@ -430,24 +430,30 @@ def finish_rl(policy, st, cfg, env, t_start):
 
 
 def rl_config(cfg, explicit):
-    """The run's config (a resumed run's saved one with the flags given now on top) and whether it resumes."""
+    """The run's config (a resumed run's saved one with the flags given now on top), and whether it was saved
+    with an unresolved --dtype auto (before runs recorded the precision auto resolved to: fp32 on every CPU)."""
     check_config(cfg)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        saved = load_checkpoint(path)
-        if "rl" not in saved:
-            raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
-        cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
-                            reset=("stop_after",))
-        check_config(cfg)
-    elif not cfg.eval_only:
-        refuse_existing(cfg.out_dir, cfg.overwrite)
-    return cfg
+    if not cfg.resume:
+        if not cfg.eval_only:
+            refuse_existing(cfg.out_dir, cfg.overwrite)
+        return cfg, False
+    saved = load_checkpoint(path)
+    if "rl" not in saved:
+        raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
+    legacy = saved["config"].get("dtype") == "auto" and "dtype" not in explicit
+    cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
+                        reset=("stop_after",))
+    check_config(cfg)
+    return cfg, legacy
 
 
 def run(cfg, explicit, start_eval=None):
-    cfg = rl_config(cfg, explicit)
+    cfg, legacy_dtype = rl_config(cfg, explicit)
     env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False)
+    if legacy_dtype and env.device == "cpu":
+        env.dtype = "float32"  # what auto meant on every CPU when that run was saved
+    cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
     policy = load_policy(os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from, cfg, env)
     if cfg.eval_only:
         e = evaluate(policy, cfg, env)

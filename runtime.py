@@ -160,14 +160,14 @@ def set_rng_state(states, rank, device):
         return
     s = states[rank]
     torch.set_rng_state(s["torch"])
-    random.setstate(_as_tuple(s["python"]))
+    random.setstate(as_tuple(s["python"]))
     if s["cuda"] is not None and device.startswith("cuda"):
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
-def _as_tuple(x):
+def as_tuple(x):
     """Python's random state as setstate wants it (a checkpoint may hold its tuples as lists)."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    return tuple(as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ----------------------------------------------------------------------------- the metrics log

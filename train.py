@@ -31,7 +31,7 @@ from data.loader import make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
 from evaluate import estimate_val_loss, evaluate_reasoning, final_evaluation, summarize
 from kernels import linear_cross_entropy
-from model import GELU_KINDS, GPT, GPTConfig
+from model import GELU_KINDS, GPT, GPTConfig, config_from_dict
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "gelu", "block_size", "bias")
 POSITIVE = ("batch_size", "grad_accum", "grad_ckpt_every", "max_iters", "log_interval", "eval_iters",
@@ -74,31 +74,42 @@ def check_quant_config(cfg):
 # ----------------------------------------------------------------------------- what the run starts from
 
 def starting_point(cfg, explicit):
-    """(config, checkpoint dict or None, model or None, legacy dtype): the resumed run's merged config, or the
-    checkpoint / Hugging Face model to start from. Everything is loaded before anything is written."""
+    """(config, checkpoint dict or None, model from a Hugging Face directory or None, legacy dtype): the resumed
+    run's merged config, or what to start from. Everything is loaded and checked before anything is written; a
+    checkpoint's model is built later, after seeding (its LoRA or QAT additions draw from the RNG)."""
     check_config(cfg)
     if cfg.resume:
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), for_resume=True)
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path, for_resume=True)
         saved = ckpt["config"]
         # saved before runs recorded what --dtype auto resolved to, when auto meant fp32 on every CPU
         legacy = saved.get("dtype") == "auto" and "dtype" not in explicit
         cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
                             cfg, explicit, reset=("stop_after",))
         check_config(cfg)
-        model = model_from_checkpoint(ckpt, cfg.out_dir, cfg.dropout)
-        sync_model_fields(cfg, explicit, model.config, "the checkpoint")
-        return cfg, ckpt, model, legacy
+        sync_model_fields(cfg, explicit, checkpoint_config(ckpt, path), path)
+        return cfg, ckpt, None, legacy
     path = cfg.init_from or (os.path.join(cfg.out_dir, "ckpt.pt") if cfg.eval_only else "")
     if not path:
         refuse_existing(cfg.out_dir, cfg.overwrite or cfg.plan)
         return cfg, None, None, False
-    model, ckpt = load_model(path, cfg.dropout)
-    if ckpt is not None and "dataset" not in explicit and ckpt.get("dataset"):
-        cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
-    sync_model_fields(cfg, explicit, model.config, path)
+    if os.path.isdir(path):  # a Hugging Face directory
+        ckpt, model = None, load_model(path, cfg.dropout)[0]
+    else:
+        ckpt, model = load_checkpoint(path), None
+        if "dataset" not in explicit and ckpt.get("dataset"):
+            cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
+    sync_model_fields(cfg, explicit, model.config if model else checkpoint_config(ckpt, path), path)
     if not (cfg.eval_only or cfg.plan):
         refuse_existing(cfg.out_dir, cfg.overwrite)
     return cfg, ckpt, model, False
+
+
+def checkpoint_config(ckpt, path):
+    try:
+        return config_from_dict(ckpt["model_config"])
+    except TypeError as e:
+        raise UserError(f"{path}: its model config is not valid ({e})")
 
 
 def sync_model_fields(cfg, explicit, mc, source):
@@ -396,13 +407,19 @@ def run(cfg, explicit):
     if cfg.fsdp and env.world == 1:
         raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
                         "--fsdp), or drop the flag")
-    data = open_dataset(cfg.dataset, build_default=env.master)
-    runtime.barrier()  # the master may have built the default corpus
-    model = adapt_model(model or new_model(cfg, data), cfg, data, env)
+    data = open_dataset(cfg.dataset) if env.master else None  # (the master builds the default corpus)
+    runtime.barrier()
+    data = data or open_dataset(cfg.dataset, build_default=False)
+    if model is None:
+        path = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+        model = model_from_checkpoint(ckpt, path, cfg.dropout) if ckpt else new_model(cfg, data)
+    model = adapt_model(model, cfg, data, env)
     make_batches(data.tokens("val"), data.meta, cfg.block_size, cfg.batch_size, 0, name="val.bin")  # big enough?
     if cfg.ptq:
         return post_training_quantization(model, data, cfg, env)
     if cfg.eval_only:
+        if not env.master:
+            return None
         return final_evaluation(model, data, data.tokens("val"), cfg, env, os.path.join(cfg.out_dir, "eval.json"))
     run_state, estimate = prepare_training(cfg, env, data, model, ckpt)
     if env.master:

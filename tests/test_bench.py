@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import bench
 
@@ -65,3 +66,13 @@ def test_alternating_medians_times_each_function_in_every_round():
     times = bench.alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                       rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4 and set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+
+
+def test_real_shapes_are_the_published_configs():
+    """SmolLM2-135M and Qwen2.5-0.5B at their published parameter counts (random weights, real shapes)."""
+    from model import GPT
+    for name, millions in (("smollm2-135m", 134.5), ("qwen2.5-0.5b", 494.0)):
+        with torch.device("meta"):
+            model = GPT(bench.real_shape(name, 128))
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(n - millions) / millions < 0.01, (name, n)

@@ -207,3 +207,50 @@ def test_kv_cached_generation_on_a_quantized_llama_equals_recomputation(tool):
     a, la = model.generate(prompts, 16, temperature=0, eos_id=7)
     b, lb = model.generate(prompts, 16, temperature=0, eos_id=7, use_cache=False)
     assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ----------------------------------------------------------------------------- the entry points on a local HF model
+
+def test_train_rl_ptq_and_export_on_a_local_llama_directory_with_its_tokenizer(tmp_path):
+    """The pipeline on a Hugging Face-format Llama with its own byte-level BPE tokenizer: prepare a task corpus
+    with it, fine-tune with train.py --init_from DIR, evaluate through reason_rl.py, quantize to int4, and export
+    the fine-tuned float model back to a directory that loads exactly."""
+    import json
+    import os
+
+    import reason_rl
+    import train
+    from checkpoint import load_model
+    from data.prepare import main as prepare
+    from data.tokenizer import load_tokenizer, train_bpe
+    from test_tokenizer import MIXED_TEXT, make_text, write_hf_dir
+    ranks = train_bpe(make_text(0, 3000) + MIXED_TEXT + "0123456789+-=|\n[minimal]answer: c1", 300)
+    hf = tmp_path / "model"
+    torch.manual_seed(0)
+    GPT(GPTConfig(block_size=64, vocab_size=300 + 3, n_layer=1, n_head=4, n_embd=32, bias=False, rope_heads=4,
+                  norm="rmsnorm", mlp="swiglu", intermediate_size=64, n_kv_head=2, learned_pos=False,
+                  tie_embeddings=False)).save_pretrained(hf)
+    write_hf_dir(hf, ranks, "llama3", {"tokenizer_config.json": {"eos_token": "<|im_end|>"}})
+    data = str(tmp_path / "sub")
+    prepare(["subtraction", "--out", data, "--tokenizer", f"hf:{hf}", "--train_examples", "200",
+             "--val_examples", "40", "--test_per_level", "2"])
+    common = ["--threads", "1", "--eval_iters", "1", "--batch_size", "4", "--final_problems", "1", "--samples", "1"]
+    train.main(["--init_from", str(hf), "--dataset", data, "--max_iters", "3", "--out_dir", str(tmp_path / "ft"),
+                *common])
+    tuned, ck = load_model(str(tmp_path / "ft" / "ckpt.pt"))
+    assert tuned.config.mlp == "swiglu" and tuned.config.kv_heads == 2 and not tuned.config.tie_embeddings
+    tok = load_tokenizer(json.load(open(os.path.join(data, "meta.json")))["tokenizer"], data)
+    assert tok.eos_id == 302  # <|im_end|>: generation stops at the model's own end token
+    from config import RLConfig, parse_config
+    e = reason_rl.run(*parse_config(RLConfig, [
+        "--eval_only", "--init_from", str(tmp_path / "ft" / "ckpt.pt"), "--eval_problems", "2", "--threads", "1",
+        "--out_dir", str(tmp_path / "rl")]))
+    assert {r["level"] for r in e["rows"]} == {5, 6}
+    train.main(["--init_from", str(tmp_path / "ft" / "ckpt.pt"), "--ptq", "rtn", "--ptq_spec", "w4g32",
+                "--out_dir", str(tmp_path / "int4"), *common])
+    int4, _ = load_model(str(tmp_path / "int4" / "ckpt.pt"))
+    assert sum(isinstance(m, quant.Int4Linear) for m in int4.modules()) == 7
+    tuned.save_pretrained(tmp_path / "export")
+    back = GPT.from_pretrained(str(tmp_path / "export"))
+    sd, sd2 = tuned.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)

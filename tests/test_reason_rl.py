@@ -205,6 +205,8 @@ def test_short_run_writes_metrics_and_summary(tiny_ckpt, tmp_path, parity_reward
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
     assert saved["end"]["by_level"] and summary["token_change"] == saved["token_change"]
+    # --dtype auto is saved as what it resolved to, so a resume on another machine keeps the precision
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"] in ("float32", "bfloat16")
 
 
 def test_resume_is_exact(tiny_ckpt, tmp_path, parity_reward):

@@ -1,0 +1,90 @@
+"""checkpoint.py and files.py: atomic, durable writes; loading refuses code and names damage as damage."""
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import files
+from checkpoint import load_checkpoint, load_model, model_state, save_checkpoint
+from config import UserError
+from model import GPT, GPTConfig
+
+
+def tiny_checkpoint(path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(str(path), model_state(model))
+    return model
+
+
+def test_save_fsyncs_the_file_and_its_folder_then_renames(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", b)), real_replace(a, b)))
+    tiny_checkpoint(tmp_path / "ckpt.pt")
+    kinds = [k for k, _ in calls]
+    assert kinds == ["fsync", "replace", "fsync"], calls  # the file's data, the rename, then the folder
+    assert calls[0][1].endswith(".tmp") and calls[2][1] == str(tmp_path)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    tiny_checkpoint(path)
+    before = path.read_bytes()
+
+    def fail(f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        files.atomic_write(str(path), fail)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    dead = tmp_path / ".ckpt.pt.999999999.tmp"  # no such process
+    dead.write_bytes(b"x" * 100)
+    tiny_checkpoint(tmp_path / "ckpt.pt")
+    assert not dead.exists()
+
+
+def test_a_damaged_checkpoint_is_called_corrupt_not_code(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    tiny_checkpoint(path)
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data[:len(data) // 2] if "/data/" in item.filename else data)
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(str(damaged))
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, zipped):
+    path = tmp_path / "evil.pt"
+    if zipped:
+        torch.save({"model": RunsCode(), "model_config": {}}, path)
+    else:
+        path.write_bytes(pickle.dumps({"model": RunsCode(), "model_config": {}}))
+    with pytest.raises(UserError, match="could run code"):
+        load_checkpoint(str(path))
+
+
+def test_load_model_names_the_file_when_weights_do_not_fit(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model = tiny_checkpoint(path)
+    ck = torch.load(path, weights_only=True)
+    ck["model_config"]["n_embd"] = 32
+    save_checkpoint(str(path), ck)
+    with pytest.raises(UserError, match="ckpt.pt: its weights do not fit"):
+        load_model(str(path))
+    assert model is not None
