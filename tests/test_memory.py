@@ -348,3 +348,33 @@ def test_bench_memory_section_runs_quick():
     assert all(r["ours"] > 0 and r["baseline"] > 0 for r in rows.values())
     assert rows["loss step peak memory, chunked vs full logits"]["ratio"] > 2
     assert rows["activation memory of the 2 blocks, grad_ckpt vs plain"]["ratio"] > 1
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_train_a_llama_shaped_model_alike(corpus, tmp_path):
+    """A Llama-shaped checkpoint (RMSNorm, SwiGLU, GQA, untied head) fine-tuned on 2 gloo processes with DDP and
+    with FSDP2: the same losses to fp32 round-off, and both checkpoints load as the same kind of model."""
+    from checkpoint import load_model, model_state, save_checkpoint
+    with open(os.path.join(corpus, "meta.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=96, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=False,
+                          rope_heads=4, norm="rmsnorm", mlp="swiglu", intermediate_size=64, learned_pos=False,
+                          tie_embeddings=False))
+    start = str(tmp_path / "llama.pt")
+    save_checkpoint(start, {**model_state(model), "dataset": corpus})
+    common = ["--init_from", start, "--max_iters", "4", "--batch_size", "4", "--eval_iters", "2",
+              "--final_problems", "1", "--samples", "0", "--threads", "1", "--warmup_iters", "2",
+              "--dtype", "float32", "--log_interval", "2"]
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    p = run_cli(common + ["--out_dir", ddp], procs=2, port=29544)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(common + ["--out_dir", fsdp, "--fsdp", "--grad_ckpt"], procs=2, port=29545)
+    assert p.returncode == 0, p.stderr
+    a, b = losses(ddp), losses(fsdp)
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    for d in (ddp, fsdp):
+        m, _ = load_model(os.path.join(d, "ckpt.pt"))
+        assert m.config.mlp == "swiglu" and m.config.kv_heads == 2
