@@ -157,29 +157,32 @@ def _check_args(x, packed, scales, zeros, group_size, lut=None):
 
 @triton.jit
 def _unpack_nibbles(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[ROWS, BLOCK_K // 8] int32 words -> [ROWS, BLOCK_K] fp32 values 0..15 in K order."""
-    shifts = tl.arange(0, 8) * 4
-    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    # int -> float without a conversion instruction: 0x4B000000 is 2**23 in fp32 and OR-ing q into its mantissa
-    # gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)
-    q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return tl.reshape(q, (ROWS, BLOCK_K))
+    """[ROWS, BLOCK_K // 8] int32 words -> [ROWS, BLOCK_K] int32 codes 0..15 in K order.
+    Three rounds of tl.join put nibble i = 4 a + 2 b + c of a word at [.., a, b, c]: each a new minor dimension
+    held by the thread that holds the word, so no value moves between threads and the reshape is free (a 3-D
+    broadcast of shifts instead spread the nibbles over threads: 255 registers and spills for a 64x64 tile)."""
+    n0, n1, n2, n3 = words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF
+    n4, n5, n6, n7 = (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF
+    a0, a1, a2, a3 = tl.join(n0, n4), tl.join(n1, n5), tl.join(n2, n6), tl.join(n3, n7)
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (ROWS, BLOCK_K))
 
 
 @triton.jit
 def _levels(q, lut_ptr, NF4: tl.constexpr):
-    """NF4: the table's level for each code (a gather from 16 fp32 values that stay in L1); else the code."""
+    """int32 codes -> fp32 levels. NF4: the table's level (a gather from 16 fp32 values that stay in L1, indexed
+    by the integer code); else the code itself, converted without a conversion instruction: 0x4B000000 is 2**23
+    in fp32 and OR-ing q into its mantissa gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)."""
     if NF4:
-        return tl.load(lut_ptr + q.to(tl.int32))
-    return q
+        return tl.load(lut_ptr + q)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _dequant_tile(words, s, z, lut_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr):
     """[ROWS, BLOCK_K // 8] words and one scale (and zero) per row -> [ROWS, BLOCK_K] fp32 weights."""
-    q = _unpack_nibbles(words, ROWS, BLOCK_K)
+    q = _levels(_unpack_nibbles(words, ROWS, BLOCK_K), lut_ptr, NF4)
     if NF4:
-        return _levels(q, lut_ptr, NF4) * s[:, None]
+        return q * s[:, None]
     return (q - z[:, None]) * s[:, None]
 
 
@@ -205,11 +208,13 @@ def _config(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-def _gemv_configs():
-    if _INTERPRET:
+def _gemv_configs(interpret=None):
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_N=16, BLOCK_K=256)]
-    # [BLOCK_N, BLOCK_K] words per iteration: 4..32 rows of 128..512 contiguous bytes, many loads in flight
-    return [_config(w, 2, BLOCK_N=bn, BLOCK_K=bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
+    # [BLOCK_N, BLOCK_K] words per iteration: 8..32 rows of 128..512 contiguous bytes, many loads in flight;
+    # 8 warps from 16384 weights a step (NF4's gathers came within a few registers of spilling with 4)
+    return [_config(8 if bn * bk >= 16384 else 4, 2, BLOCK_N=bn, BLOCK_K=bk)
+            for bn in (8, 16, 32) for bk in (256, 512, 1024)]
 
 
 def _distinct(configs):
@@ -277,14 +282,17 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, strid
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm_configs():
-    if _INTERPRET:  # two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+def _gemm_configs(interpret=None):
+    if _INTERPRET if interpret is None else interpret:  # two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
         return [_config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=sk) for sk in (1, 2)]
-    small = [_config(4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+    # a dequantized [BLOCK_N, BLOCK_K] tile of 16384 weights takes 8 warps, else NF4's gathers spill on sm_80
+    small = [_config(8 if bn * bk > 8192 else 4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
              for bm in (16, 32) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
-    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages): Hopper-sized tiles, 128x128 and up with 8 warps
-    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages): the fp32 accumulator and the dequantized tile share the
+    # registers, so tiles stop at 128x128x64 with 8 warps (256-wide tiles and BLOCK_K=128 spilled on sm_80
+    # and sm_90a: scripts/compile_check.py); 64-wide tiles with 4 warps for small grids
+    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
+             (64, 64, 64, 4, 4), (64, 64, 32, 4, 4)]
     large = [_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
              for bn, bm, bk, w, st in tiles for sk in (1, 2, 4)]
     return small + large
@@ -294,7 +302,11 @@ def _prune_gemm(configs, named_args, **kwargs):
     bucket, g, K = named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["K"]
     if _INTERPRET:
         return [c for c in configs if (c.kwargs["SPLIT_K"] > 1) == (bucket <= 32)]
+    return _keep_gemm(configs, bucket, g, K)
 
+
+def _keep_gemm(configs, bucket, g, K):
+    """The GPU rule of _prune_gemm."""
     def fits(c):  # tiles sized to the M bucket; split K only at small M and with >= 2 K-steps per split
         bm, bk, sk = c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], g), c.kwargs["SPLIT_K"]
         m_ok = bm == max(16, bucket) if bucket <= 32 else 64 <= bm <= bucket
@@ -335,12 +347,13 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, strid
         tl.atomic_add(y_ptrs, acc, mask=n_ok[:, None] & m_ok[None, :], sem="relaxed")
 
 
-def _dx_configs():
-    if _INTERPRET:
+def _dx_configs(interpret=None):
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32)]
     # (BLOCK_M, BLOCK_K, BLOCK_N, warps, stages); BLOCK_K <= group size keeps one scale column per program
-    tiles = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
+    # (256-row tiles, and 128x64 with 4 warps, spilled on sm_80)
+    tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+             (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
     return [_config(w, st, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn) for bm, bk, bn, w, st in tiles]
 
 
@@ -386,6 +399,20 @@ def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, lut_ptr, M, N, K, strid
 def _m_bucket(M):
     """The M_BUCKET kernel argument: it only keys the autotuner (and its pruners), one tuning per power of two."""
     return min(triton.next_power_of_2(M), 4096)
+
+
+def gpu_configs(kernel, M, K, group_size):
+    """The configs that the autotuner of `kernel` ("gemv", "gemm" or "dx") tries on a GPU for a launch with M rows
+    and K columns: its candidates after its pruner, as the launcher calls it (the same under TRITON_INTERPRET=1,
+    which changes only what the kernels run on the CPU). scripts/compile_check.py compiles each of them."""
+    bucket = _m_bucket(M)
+    if kernel == "gemv":
+        return _prune_gemv(_gemv_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size, BLOCK_M=bucket)
+    if kernel == "gemm":
+        return _keep_gemm(_gemm_configs(False), bucket, group_size, K)
+    if kernel == "dx":
+        return _prune_dx(_dx_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size)
+    raise ValueError(f"kernel must be 'gemv', 'gemm' or 'dx', got {kernel!r}")
 
 
 def _dot_precision(dtype):
