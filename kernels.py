@@ -283,7 +283,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, strid
 
 
 def _gemm_configs(interpret=None):
-    if _INTERPRET if interpret is None else interpret:  # two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+    # CPU: two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=sk) for sk in (1, 2)]
     # a dequantized [BLOCK_N, BLOCK_K] tile of 16384 weights takes 8 warps, else NF4's gathers spill on sm_80
     small = [_config(8 if bn * bk > 8192 else 4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
@@ -302,15 +303,17 @@ def _prune_gemm(configs, named_args, **kwargs):
     bucket, g, K = named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["K"]
     if _INTERPRET:
         return [c for c in configs if (c.kwargs["SPLIT_K"] > 1) == (bucket <= 32)]
-    return _keep_gemm(configs, bucket, g, K)
+    return _keep_gemm(configs, bucket, g, K, kwargs.get("NF4", False))
 
 
-def _keep_gemm(configs, bucket, g, K):
+def _keep_gemm(configs, bucket, g, K, nf4=False):
     """The GPU rule of _prune_gemm."""
     def fits(c):  # tiles sized to the M bucket; split K only at small M and with >= 2 K-steps per split
         bm, bk, sk = c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], g), c.kwargs["SPLIT_K"]
         m_ok = bm == max(16, bucket) if bucket <= 32 else 64 <= bm <= bucket
-        return m_ok and (sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
+        # NF4's gathers at 128x128x64 spilled 208 B on sm_80 under triton 3.6; its 128x128 tile steps K by 32
+        big_nf4 = nf4 and bm * c.kwargs["BLOCK_N"] >= 16384 and bk > 32
+        return m_ok and not big_nf4 and (sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
     # BLOCK_K is clamped to the group size: one scale per row per K-step
     return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))
 
@@ -352,7 +355,7 @@ def _dx_configs(interpret=None):
         return [_config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32)]
     # (BLOCK_M, BLOCK_K, BLOCK_N, warps, stages); BLOCK_K <= group size keeps one scale column per program
     # (256-row tiles, and 128x64 with 4 warps, spilled on sm_80)
-    tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+    tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 4), (128, 128, 32, 8, 4),
              (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
     return [_config(w, st, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn) for bm, bk, bn, w, st in tiles]
 
@@ -401,7 +404,7 @@ def _m_bucket(M):
     return min(triton.next_power_of_2(M), 4096)
 
 
-def gpu_configs(kernel, M, K, group_size):
+def gpu_configs(kernel, M, K, group_size, nf4=False):
     """The configs that the autotuner of `kernel` ("gemv", "gemm" or "dx") tries on a GPU for a launch with M rows
     and K columns: its candidates after its pruner, as the launcher calls it (the same under TRITON_INTERPRET=1,
     which changes only what the kernels run on the CPU). scripts/compile_check.py compiles each of them."""
@@ -409,7 +412,7 @@ def gpu_configs(kernel, M, K, group_size):
     if kernel == "gemv":
         return _prune_gemv(_gemv_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size, BLOCK_M=bucket)
     if kernel == "gemm":
-        return _keep_gemm(_gemm_configs(False), bucket, group_size, K)
+        return _keep_gemm(_gemm_configs(False), bucket, group_size, K, nf4)
     if kernel == "dx":
         return _prune_dx(_dx_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size)
     raise ValueError(f"kernel must be 'gemv', 'gemm' or 'dx', got {kernel!r}")

@@ -70,7 +70,7 @@ def int4_jobs(M, K, g, nf4, dtype):
                              dict(x_ptr=x, w_ptr="*i32", y_ptr=x, **sz), unaligned=unaligned))
     else:
         y = "*fp32" if bucket <= kernels.SPLIT_K_MAX_BUCKET else x  # split-K buckets add into fp32
-        for c in kernels.gpu_configs("gemm", M, K, g):
+        for c in kernels.gpu_configs("gemm", M, K, g, nf4):
             cx = dict(GROUP_SIZE=g, DOT_PRECISION="tf32", GROUP_N=8, NF4=nf4, **c.kwargs)
             jobs.append(_job("gemm", "_int4_gemm_kernel", cx, c.num_warps, c.num_stages,
                              dict(x_ptr=x, w_ptr="*i32", y_ptr=y, **sz), unaligned=unaligned))
