@@ -230,10 +230,21 @@ def _with(c, **kw):
 
 def _prune_gemv(configs, named_args, **kwargs):
     # a K-step holds whole groups; the per-step tile is bounded so it stays in registers (sm_90 builds of
-    # BLOCK_M=4 spill above 8192 elements)
-    g, budget = kwargs["GROUP_SIZE"], 16384 // max(1, kwargs["BLOCK_M"] // 2)
+    # BLOCK_M=4 spill above 8192 elements). NF4 halves it: its table gathers spilled on sm_90a at 16384 (1 row,
+    # 16x1024 on 8 warps, 4 B at 128 registers) and at 8192 (4 rows, 16x512, 8 B at 255; its other 8192-element
+    # tiles reached 255 too), triton 3.9
+    g, bm = kwargs["GROUP_SIZE"], kwargs["BLOCK_M"]
+    budget = 16384 // max(1, bm // 2) // (2 if kwargs.get("NF4", False) else 1)
     keep = [_with(c, BLOCK_K=max(c.kwargs["BLOCK_K"], g)) for c in configs]
-    return _distinct(c for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
+    return _distinct(_gemv_warps(c, bm) for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
+
+
+def _gemv_warps(c, block_m):
+    # 4 rows of an 8x512 tile on 4 warps spilled 4 B on sm_90a (ptxas held it at 96 registers, groups 32 and
+    # 256, triton 3.9); on 2 warps it takes 156 registers and no spill
+    if block_m == 4 and c.kwargs["BLOCK_N"] == 8 and c.kwargs["BLOCK_K"] == 512 and c.num_warps == 4:
+        return triton.Config(dict(c.kwargs), num_warps=2, num_stages=c.num_stages)
+    return c
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "NF4"],
@@ -311,9 +322,16 @@ def _keep_gemm(configs, bucket, g, K, nf4=False):
     def fits(c):  # tiles sized to the M bucket; split K only at small M and with >= 2 K-steps per split
         bm, bk, sk = c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], g), c.kwargs["SPLIT_K"]
         m_ok = bm == max(16, bucket) if bucket <= 32 else 64 <= bm <= bucket
-        # NF4's gathers at 128x128x64 spilled 208 B on sm_80 under triton 3.6; its 128x128 tile steps K by 32
-        big_nf4 = nf4 and bm * c.kwargs["BLOCK_N"] >= 16384 and bk > 32
-        return m_ok and not big_nf4 and (sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
+        # NF4's gathers at 128x128x64 spilled 208 B on sm_80 under triton 3.6; its 128x128 tile steps K by 32,
+        # unsplit (split K 2 and 4 spilled 4 B at 255 registers on sm_80 under triton 3.9)
+        big_nf4 = nf4 and bm * c.kwargs["BLOCK_N"] >= 16384 and (bk > 32 or sk > 1)
+        # int4's 16x128x128 on 8 warps spilled 4 B on sm_80 when split (ptxas held it at 128 registers; NF4's
+        # took 188 and did not), triton 3.9: a small tile of 16384 weights is not split for int4
+        big_split = not nf4 and sk > 1 and bm <= 32 and c.kwargs["BLOCK_N"] * bk >= 16384
+        # int4's 64x64x64 on 4 warps spilled 4 B on sm_80 (groups 64 to 256, at 128 registers), triton 3.9
+        int4_64 = not nf4 and bm == 64 and c.kwargs["BLOCK_N"] == 64 and bk == 64 and c.num_warps == 4
+        return m_ok and not big_nf4 and not big_split and not int4_64 and (
+            sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
     # BLOCK_K is clamped to the group size: one scale per row per K-step
     return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))
 
@@ -410,7 +428,8 @@ def gpu_configs(kernel, M, K, group_size, nf4=False):
     which changes only what the kernels run on the CPU). scripts/compile_check.py compiles each of them."""
     bucket = _m_bucket(M)
     if kernel == "gemv":
-        return _prune_gemv(_gemv_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size, BLOCK_M=bucket)
+        return _prune_gemv(_gemv_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size, BLOCK_M=bucket,
+                           NF4=nf4)
     if kernel == "gemm":
         return _keep_gemm(_gemm_configs(False), bucket, group_size, K, nf4)
     if kernel == "dx":

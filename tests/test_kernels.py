@@ -351,14 +351,14 @@ def assert_all_compile_without_spills(proc, results):
 
 
 def test_kept_configs_compile_for_sm90a_and_sm80_without_spills(tmp_path):
-    # the representative subset (about 70 compiles, ~1-2 min on 2 cores); the full set: -m compile_full
+    # the representative subset (about 60 compiles, ~1-2 min on 2 cores); the full set: -m compile_full
     assert_all_compile_without_spills(*run_compile_check(tmp_path, timeout=600))
 
 
 @pytest.mark.compile_full
 def test_kept_configs_for_every_shape_compile_without_spills(tmp_path, request):
     if "compile_full" not in (request.config.option.markexpr or ""):
-        pytest.skip("about 1900 compiles: run with -m compile_full (make compile-check-full)")
+        pytest.skip("about 1800 compiles: run with -m compile_full (make compile-check-full)")
     assert_all_compile_without_spills(*run_compile_check(tmp_path, "--full", timeout=7200))
 
 
@@ -369,19 +369,37 @@ def _short(c):
 def test_pruners_keep_the_pinned_configs_for_representative_shapes():
     # what each autotuner tries on a GPU; make compile-check-triton36 runs this under triton 3.6 too, so both
     # versions are pinned to the same lists. Columns: the config's kwargs by name, then num_warps, num_stages.
-    gemv = [(256, 8, 4, 2), (512, 8, 4, 2), (1024, 8, 4, 2), (256, 16, 4, 2), (512, 16, 4, 2), (256, 32, 4, 2)]
+    # 4 rows: the 8x512 tile on 2 warps (on 4 it spilled 4 B on sm_90a); 1 row: on 4, with 8 warps above 8192 weights
+    gemv = [(256, 8, 4, 2), (512, 8, 2, 2), (1024, 8, 4, 2), (256, 16, 4, 2), (512, 16, 4, 2), (256, 32, 4, 2)]
+    gemv_1 = [(256, 8, 4, 2), (512, 8, 4, 2), (1024, 8, 4, 2), (256, 16, 4, 2), (512, 16, 4, 2), (1024, 16, 8, 2),
+              (256, 32, 4, 2), (512, 32, 8, 2)]
     gemm_16 = [(32, 16, 64, sk, 4, 4) for sk in (1, 2, 4, 8)] + [(32, 16, 128, sk, w, 4)
                                                                  for w in (4, 8) for sk in (1, 2, 4, 8)]
     gemm_4096 = [(64, 128, 128, 1, 8, 3), (32, 128, 128, 1, 8, 4), (64, 64, 128, 1, 8, 3), (64, 128, 64, 1, 8, 3),
-                 (64, 64, 64, 1, 4, 4), (32, 64, 64, 1, 4, 4)]
+                 (32, 64, 64, 1, 4, 4)]  # int4: no 64x64x64 on 4 warps (it spilled on sm_80 under triton 3.9)
     dx = [(64, 128, 64, 8, 3), (64, 64, 64, 8, 4), (64, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 16, 128, 4, 4),
           (64, 32, 64, 4, 4)]
     assert [_short(c) for c in kernels.gpu_configs("gemv", 4, 4096, 256)] == gemv          # BLOCK_K, BLOCK_N
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 1, 4096, 32)] == gemv_1
+    # NF4: half the tile (its gathers spilled on sm_90a at 16x1024 for 1 row and at 16x512 for 4)
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 4, 4096, 128, nf4=True)] == gemv[:2] + gemv[3:4]
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 1, 4096, 32, nf4=True)] == gemv_1[:5] + gemv_1[6:7]
     assert [_short(c) for c in kernels.gpu_configs("gemm", 16, 4096, 32)] == gemm_16      # K, M, N, SPLIT_K
     assert [_short(c) for c in kernels.gpu_configs("gemm", 4096, 4096, 128)] == gemm_4096
     nf4 = kernels.gpu_configs("gemm", 4096, 4096, 128, nf4=True)
-    assert [_short(c) for c in nf4] == gemm_4096[1:]  # NF4: no 128x128x64 (it spilled on sm_80 under triton 3.6)
+    # NF4: no 128x128x64 (it spilled on sm_80 under triton 3.6), and the 64x64x64 on 4 warps
+    assert [_short(c) for c in nf4] == gemm_4096[1:4] + [(64, 64, 64, 1, 4, 4)] + gemm_4096[4:]
     assert [_short(c) for c in kernels.gpu_configs("dx", 4096, 4096, 64)] == dx           # BLOCK_K, M, N
+    # int4's small 128x128-weight tile is not split (it spilled on sm_80 when split); NF4's is
+    def big_splits(nf4):
+        return [c.kwargs["SPLIT_K"] for c in kernels.gpu_configs("gemm", 16, 4096, 128, nf4)
+                if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == 16384]
+    big, big_nf4 = big_splits(False), big_splits(True)
+    assert big == [1] and big_nf4 == [1, 2, 4, 8]
+    # NF4's 128x128 tile (at K-steps of 32) is not split either: split, it spilled on sm_80
+    nf4_128 = [_short(c) for c in kernels.gpu_configs("gemm", 128, 4096, 32, True)
+               if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 16384]
+    assert nf4_128 == [(32, 128, 128, 1, 8, 3), (32, 128, 128, 1, 8, 4)]
     # split K only while it leaves every split two K-steps: none for a K of two groups of 32
     assert {c.kwargs["SPLIT_K"] for c in kernels.gpu_configs("gemm", 16, 64, 32)} == {1}
 
