@@ -3,6 +3,7 @@
     python scripts/compile_check.py                 # the representative subset (CI's default, about a minute)
     python scripts/compile_check.py --full          # every shape below, bf16 and fp16 (several minutes)
     python scripts/compile_check.py --json out.json # also write one record per compiled kernel
+    python scripts/compile_check.py --full --M 2 --kernels gemv   # chosen rows and kernels only
 
 Each int4 kernel is compiled with every config that its pruner keeps (kernels.gpu_configs) for the shapes below,
 the other kernels with the launch parameters their launchers choose, with the divisibility hints a real launch gets
@@ -37,7 +38,7 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 N_K = ((4096, 4096), (8192, 8192))  # the pruners see K only; both are multiples of every BLOCK_K (EVEN_K)
 FULL = dict(M=(1, 4, 16, 128, 4096), groups=(32, 64, 128, 256), nf4=(False, True), dtypes=("bf16", "fp16"),
             vocab=(259, 50257), split_k=None, adam=None)
-# CI's default, about 70 compiles: NF4 (its table gathers make it the variant that needs the most registers),
+# CI's default, about 60 compiles: NF4 (its table gathers make it the variant that needs the most registers),
 # split-K 1 and 8 only (the others differ in the K loop's start and step), two of the six AdamW8bit variants
 SUBSET = dict(M=(1, 16, 4096), groups=(128,), nf4=(True,), dtypes=("bf16",), vocab=(50257,), split_k=(1, 8),
               adam=((False, False, False), (True, True, True)))
@@ -64,7 +65,7 @@ def int4_jobs(M, K, g, nf4, dtype):
     unaligned = ("M_BUCKET",) + (("M",) if M % 16 else ())  # a launch hints M too when it is a multiple of 16
     jobs = []
     if M <= kernels.GEMV_MAX_M:
-        for c in kernels.gpu_configs("gemv", M, K, g):
+        for c in kernels.gpu_configs("gemv", M, K, g, nf4):
             cx = dict(GROUP_SIZE=g, BLOCK_M=bucket, EVEN_K=K % c.kwargs["BLOCK_K"] == 0, NF4=nf4, **c.kwargs)
             jobs.append(_job("gemv", "_int4_gemv_kernel", cx, c.num_warps, c.num_stages,
                              dict(x_ptr=x, w_ptr="*i32", y_ptr=x, **sz), unaligned=unaligned))
@@ -108,7 +109,10 @@ def adam_jobs(variants=None):
 
 
 def all_jobs(sets):
-    jobs = []
+    jobs = []  # the whole-kernel ones first (loss, adam: a few quick compiles), then the int4 kernels by M
+    for V in sets["vocab"]:
+        jobs += loss_jobs(V, "bf16") + loss_jobs(V, "fp32")
+    jobs += adam_jobs(sets["adam"])
     for M in sets["M"]:
         for _, K in N_K:
             for g in sets["groups"]:
@@ -117,9 +121,6 @@ def all_jobs(sets):
                         jobs += int4_jobs(M, K, g, nf4, dtype)
     if sets["split_k"]:
         jobs = [j for j in jobs if j["constexprs"].get("SPLIT_K", 1) in sets["split_k"]]
-    for V in sets["vocab"]:
-        jobs += loss_jobs(V, "bf16") + loss_jobs(V, "fp32")
-    jobs += adam_jobs(sets["adam"])
     unique = {}
     for j in jobs:
         unique.setdefault(json.dumps(j, sort_keys=True), j)
@@ -205,6 +206,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="every shape, group size and dtype (not the subset)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of " + ", ".join(TARGETS))
+    p.add_argument("--M", default="", help="comma-separated row counts, in place of the set's (e.g. 1,2,4,16,128,4096:"
+                   " 2 adds the GEMV's M_BUCKET 2, which neither set holds)")
+    p.add_argument("--dtypes", default="", help="comma-separated, of bf16, fp16: the int4 kernels' activations")
+    p.add_argument("--groups", default="", help="comma-separated group sizes, in place of the set's")
     p.add_argument("--kernels", default="", help="only these, comma-separated: gemv, gemm, dx, loss, adam")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     p.add_argument("--json", default=None, help="write one record per compile to this file")
@@ -216,7 +221,16 @@ def main(argv=None):
         p.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
     t0 = time.perf_counter()
     print(f"# triton {triton.__version__}, {'full set' if args.full else 'subset'}, targets {targets}", flush=True)
-    results = run(FULL if args.full else SUBSET, targets, args.workers, not args.quiet,
+    sets = dict(FULL if args.full else SUBSET)
+    if args.M:
+        sets["M"] = tuple(int(m) for m in args.M.split(","))
+    if args.dtypes:
+        sets["dtypes"] = tuple(args.dtypes.split(","))
+    if args.groups:
+        sets["groups"] = tuple(int(g) for g in args.groups.split(","))
+    print(f"# M {sets['M']}, groups {sets['groups']}, dtypes {sets['dtypes']}, kernels {args.kernels or 'all'}",
+          flush=True)
+    results = run(sets, targets, args.workers, not args.quiet,
                   [k for k in args.kernels.split(",") if k])
     for line in summary(results):
         print(line)
