@@ -303,11 +303,12 @@ def bench_generate(args):
     return rows
 
 
-def _int4_weight(N, K, group_size, device):
+def _int4_weight(N, K, group_size, device, nf4=False):
+    """A random packed weight as int4_matmul takes it: (packed, scales, zeros), zeros None for NF4 (and its lut)."""
     import kernels
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=device)
     scales = 0.01 + 0.04 * torch.rand(N, K // group_size, device=device)
-    zeros = 15 * torch.rand(N, K // group_size, device=device)
+    zeros = None if nf4 else 15 * torch.rand(N, K // group_size, device=device)
     return kernels.pack_int4(q), scales, zeros
 
 
@@ -315,9 +316,10 @@ def _rotating(tensors, device):
     """Enough copies of `tensors` to overflow L2 four times, cycled, so each timed call reads its weights from
     memory as a real model's layers do (8192x8192 int4 weights would otherwise sit in an H200's L2)."""
     import itertools
-    nbytes = sum(t.nbytes for t in tensors)
+    nbytes = sum(t.nbytes for t in tensors if t is not None)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-    copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-4 * l2 // nbytes) - 1)]
+    copy = lambda: tuple(None if t is None else t.clone() for t in tensors)
+    copies = [tensors] + [copy() for _ in range(-(-4 * l2 // nbytes) - 1)]
     return itertools.cycle(copies)
 
 
@@ -327,47 +329,81 @@ def _copy_bandwidth(device, nbytes=1 << 30):
     return 2 * nbytes / median_time(lambda: b.copy_(a), device, warmup=3, iters=10) / 1e9  # read + write
 
 
+# the matmul section's figures on CUDA; args may override each (scripts/gpu_check.py sets them)
+MATMUL_SHAPES = ((4096, 4096), (8192, 8192))  # (N, K)
+MATMUL_MS = (1, 16, 128, 4096)
+MATMUL_GROUPS = (64, 128)
+MATMUL_FORMATS = ("int4", "nf4")
+
+
+def _matmul_options(args):
+    quick = args.quick
+    return (getattr(args, "matmul_shapes", None) or (MATMUL_SHAPES[:1] if quick else MATMUL_SHAPES),
+            getattr(args, "matmul_ms", None) or ((1, 16, 4096) if quick else MATMUL_MS),
+            getattr(args, "matmul_groups", None) or ((128,) if quick else MATMUL_GROUPS),
+            getattr(args, "matmul_formats", None) or MATMUL_FORMATS)
+
+
+def _bench_matmul_cpu(s):
+    import kernels
+    M, N, K, g = 4, 512, 512, 128
+    packed, scales, zeros = _int4_weight(N, K, g, "cpu")
+    w = kernels.dequantize_int4(packed, scales, zeros, g)
+    x = torch.randn(M, K)
+    ours = median_time(lambda: kernels.int4_matmul(x, packed, scales, zeros, g, backend="torch"))
+    dense = median_time(lambda: x @ w.T)
+    return [row(s, "cpu: reference only; Triton kernels need CUDA for timing", ours * 1e3, dense * 1e3, "ms",
+                higher_is_better=False, M=M, N=N, K=K, group_size=g)]
+
+
+def _bench_matmul_weight(s, dev, N, K, g, fmt, ms, copy_gbs, timing):
+    """Rows for one weight: int4_matmul at each M against the bf16 matmul and dequantize-then-matmul, with the
+    bytes moved (weights, x and y) per second as a share of the device's copy bandwidth; dX at the largest M."""
+    import kernels
+    import quant
+    lut = quant.NF4_LEVELS.to(dev) if fmt == "nf4" else None
+    int4 = _rotating(_int4_weight(N, K, g, dev, nf4=lut is not None), dev)
+    dense = _rotating((kernels.dequantize_int4(*next(int4), g, torch.bfloat16, lut=lut),), dev)
+    wbytes = sum(t.nbytes for t in next(int4) if t is not None)
+    ours = lambda x: kernels.int4_matmul(x, *next(int4), g, backend="triton", lut=lut)
+    rows, what = [], dict(N=N, K=K, group_size=g, format=fmt)
+    for M in ms:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        t = median_time(lambda: ours(x), dev, *timing)
+        t_bf16 = median_time(lambda: x @ next(dense)[0].T, dev, *timing)
+        t_deq = median_time(lambda: x @ kernels.dequantize_int4(*next(int4), g, torch.bfloat16, lut=lut).T,
+                            dev, *timing)
+        moved = wbytes + x.nbytes + 2 * M * N
+        extra = dict(M=M, tflops=2 * M * N * K / t / 1e12, gbs=moved / t / 1e9,
+                     pct_copy_bw=100 * moved / t / 1e9 / copy_gbs, **what)
+        name = f"M={M} {N}x{K} {fmt} g{g}"
+        rows.append(row(s, f"{name} vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms", higher_is_better=False, **extra))
+        rows.append(row(s, f"{name} vs dequantize+matmul", t * 1e3, t_deq * 1e3, "ms", higher_is_better=False,
+                        M=M, **what))
+    M = max(ms)  # the backward dX = dY @ W, against the bf16 matmul it replaces
+    dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+    t = median_time(lambda: kernels.int4_matmul_dx_triton(dy, *next(int4), g, lut=lut), dev, *timing)
+    t_bf16 = median_time(lambda: dy @ next(dense)[0], dev, *timing)
+    rows.append(row(s, f"dX M={M} {N}x{K} {fmt} g{g} vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms",
+                    higher_is_better=False, M=M, tflops=2 * M * N * K / t / 1e12, **what))
+    return rows
+
+
 @section("matmul")
 def bench_matmul(args):
-    """int4 weight-only matmul (kernels.int4_matmul, group 128) vs bf16 torch.matmul and dequantize-then-matmul."""
-    import kernels
-    s, g, dev = "matmul", 128, args.device
+    """int4 and NF4 weight-only matmul (kernels.int4_matmul, groups 64 and 128) vs bf16 torch.matmul and
+    dequantize-then-matmul, and its dX backward; bytes per second as a share of a device-to-device copy."""
+    s, dev = "matmul", args.device
     if not str(dev).startswith("cuda"):
-        M, N, K = 4, 512, 512
-        packed, scales, zeros = _int4_weight(N, K, g, "cpu")
-        w = kernels.dequantize_int4(packed, scales, zeros, g)
-        x = torch.randn(M, K)
-        ours = median_time(lambda: kernels.int4_matmul(x, packed, scales, zeros, g, backend="torch"))
-        dense = median_time(lambda: x @ w.T)
-        return [row(s, "cpu: reference only; Triton kernels need CUDA for timing", ours * 1e3, dense * 1e3, "ms",
-                    higher_is_better=False, M=M, N=N, K=K, group_size=g)]
-    warmup, iters = (3, 5) if args.quick else (10, 50)  # the first call autotunes, inside the untimed warm-up
+        return _bench_matmul_cpu(s)
+    timing = (3, 5) if args.quick else (10, 50)  # the first call autotunes, inside the untimed warm-up
     copy_gbs = _copy_bandwidth(dev)
     rows = [row(s, "device copy bandwidth (read + write)", copy_gbs, unit="GB/s")]
-    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (8192, 8192), (11008, 4096)]
+    shapes, ms, groups, formats = _matmul_options(args)
     for N, K in shapes:
-        int4 = _rotating(_int4_weight(N, K, g, dev), dev)
-        dense = _rotating((kernels.dequantize_int4(*_int4_weight(N, K, g, dev), g, torch.bfloat16),), dev)
-        wbytes = sum(t.nbytes for t in next(int4))
-        for M in (1, 16, 4096) if args.quick else (1, 16, 128, 4096):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            t = median_time(lambda: kernels.int4_matmul(x, *next(int4), g, backend="triton"), dev, warmup, iters)
-            t_bf16 = median_time(lambda: x @ next(dense)[0].T, dev, warmup, iters)
-            deq = lambda: x @ kernels.dequantize_int4(*next(int4), g, torch.bfloat16).T
-            t_deq = median_time(deq, dev, warmup, iters)
-            extra = dict(M=M, N=N, K=K, tflops=2 * M * N * K / t / 1e12, weight_gbs=wbytes / t / 1e9)
-            if M == 1:
-                extra["pct_copy_bw"] = 100 * extra["weight_gbs"] / copy_gbs
-            rows.append(row(s, f"M={M} {N}x{K} int4 vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms",
-                            higher_is_better=False, **extra))
-            rows.append(row(s, f"M={M} {N}x{K} int4 vs dequantize+matmul", t * 1e3, t_deq * 1e3, "ms",
-                            higher_is_better=False, M=M, N=N, K=K))
-        M = 4096  # the backward dX = dY @ W, against the bf16 matmul it replaces
-        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
-        t = median_time(lambda: kernels.int4_matmul_dx_triton(dy, *next(int4), g), dev, warmup, iters)
-        t_bf16 = median_time(lambda: dy @ next(dense)[0], dev, warmup, iters)
-        rows.append(row(s, f"dX M={M} {N}x{K} int4 vs bf16 matmul", t * 1e3, t_bf16 * 1e3, "ms",
-                        higher_is_better=False, M=M, N=N, K=K, tflops=2 * M * N * K / t / 1e12))
+        for fmt in formats:
+            for g in groups:
+                rows += _bench_matmul_weight(s, dev, N, K, g, fmt, ms, copy_gbs, timing)
     return rows
 
 

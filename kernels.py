@@ -157,29 +157,32 @@ def _check_args(x, packed, scales, zeros, group_size, lut=None):
 
 @triton.jit
 def _unpack_nibbles(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[ROWS, BLOCK_K // 8] int32 words -> [ROWS, BLOCK_K] fp32 values 0..15 in K order."""
-    shifts = tl.arange(0, 8) * 4
-    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    # int -> float without a conversion instruction: 0x4B000000 is 2**23 in fp32 and OR-ing q into its mantissa
-    # gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)
-    q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return tl.reshape(q, (ROWS, BLOCK_K))
+    """[ROWS, BLOCK_K // 8] int32 words -> [ROWS, BLOCK_K] int32 codes 0..15 in K order.
+    Three rounds of tl.join put nibble i = 4 a + 2 b + c of a word at [.., a, b, c]: each a new minor dimension
+    held by the thread that holds the word, so no value moves between threads and the reshape is free (a 3-D
+    broadcast of shifts instead spread the nibbles over threads: 255 registers and spills for a 64x64 tile)."""
+    n0, n1, n2, n3 = words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF
+    n4, n5, n6, n7 = (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF
+    a0, a1, a2, a3 = tl.join(n0, n4), tl.join(n1, n5), tl.join(n2, n6), tl.join(n3, n7)
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (ROWS, BLOCK_K))
 
 
 @triton.jit
 def _levels(q, lut_ptr, NF4: tl.constexpr):
-    """NF4: the table's level for each code (a gather from 16 fp32 values that stay in L1); else the code."""
+    """int32 codes -> fp32 levels. NF4: the table's level (a gather from 16 fp32 values that stay in L1, indexed
+    by the integer code); else the code itself, converted without a conversion instruction: 0x4B000000 is 2**23
+    in fp32 and OR-ing q into its mantissa gives exactly 2**23 + q (the mask and the OR can fuse into one LOP3)."""
     if NF4:
-        return tl.load(lut_ptr + q.to(tl.int32))
-    return q
+        return tl.load(lut_ptr + q)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _dequant_tile(words, s, z, lut_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr):
     """[ROWS, BLOCK_K // 8] words and one scale (and zero) per row -> [ROWS, BLOCK_K] fp32 weights."""
-    q = _unpack_nibbles(words, ROWS, BLOCK_K)
+    q = _levels(_unpack_nibbles(words, ROWS, BLOCK_K), lut_ptr, NF4)
     if NF4:
-        return _levels(q, lut_ptr, NF4) * s[:, None]
+        return q * s[:, None]
     return (q - z[:, None]) * s[:, None]
 
 
@@ -205,11 +208,13 @@ def _config(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-def _gemv_configs():
-    if _INTERPRET:
+def _gemv_configs(interpret=None):
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_N=16, BLOCK_K=256)]
-    # [BLOCK_N, BLOCK_K] words per iteration: 4..32 rows of 128..512 contiguous bytes, many loads in flight
-    return [_config(w, 2, BLOCK_N=bn, BLOCK_K=bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
+    # [BLOCK_N, BLOCK_K] words per iteration: 8..32 rows of 128..512 contiguous bytes, many loads in flight;
+    # 8 warps from 16384 weights a step (NF4's gathers came within a few registers of spilling with 4)
+    return [_config(8 if bn * bk >= 16384 else 4, 2, BLOCK_N=bn, BLOCK_K=bk)
+            for bn in (8, 16, 32) for bk in (256, 512, 1024)]
 
 
 def _distinct(configs):
@@ -225,10 +230,21 @@ def _with(c, **kw):
 
 def _prune_gemv(configs, named_args, **kwargs):
     # a K-step holds whole groups; the per-step tile is bounded so it stays in registers (sm_90 builds of
-    # BLOCK_M=4 spill above 8192 elements)
-    g, budget = kwargs["GROUP_SIZE"], 16384 // max(1, kwargs["BLOCK_M"] // 2)
+    # BLOCK_M=4 spill above 8192 elements). NF4 halves it: its table gathers spilled on sm_90a at 16384 (1 row,
+    # 16x1024 on 8 warps, 4 B at 128 registers) and at 8192 (4 rows, 16x512, 8 B at 255; its other 8192-element
+    # tiles reached 255 too), triton 3.9
+    g, bm = kwargs["GROUP_SIZE"], kwargs["BLOCK_M"]
+    budget = 16384 // max(1, bm // 2) // (2 if kwargs.get("NF4", False) else 1)
     keep = [_with(c, BLOCK_K=max(c.kwargs["BLOCK_K"], g)) for c in configs]
-    return _distinct(c for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
+    return _distinct(_gemv_warps(c, bm) for c in keep if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= budget)
+
+
+def _gemv_warps(c, block_m):
+    # 4 rows of an 8x512 tile on 4 warps spilled 4 B on sm_90a (ptxas held it at 96 registers, groups 32 and
+    # 256, triton 3.9); on 2 warps it takes 156 registers and no spill
+    if block_m == 4 and c.kwargs["BLOCK_N"] == 8 and c.kwargs["BLOCK_K"] == 512 and c.num_warps == 4:
+        return triton.Config(dict(c.kwargs), num_warps=2, num_stages=c.num_stages)
+    return c
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "NF4"],
@@ -277,14 +293,18 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, strid
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm_configs():
-    if _INTERPRET:  # two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+def _gemm_configs(interpret=None):
+    # CPU: two configs, and the pruner keeps exactly one, so both store paths are tested on CPU
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=sk) for sk in (1, 2)]
-    small = [_config(4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+    # a dequantized [BLOCK_N, BLOCK_K] tile of 16384 weights takes 8 warps, else NF4's gathers spill on sm_80
+    small = [_config(8 if bn * bk > 8192 else 4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
              for bm in (16, 32) for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
-    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages): Hopper-sized tiles, 128x128 and up with 8 warps
-    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages): the fp32 accumulator and the dequantized tile share the
+    # registers, so tiles stop at 128x128x64 with 8 warps (256-wide tiles and BLOCK_K=128 spilled on sm_80
+    # and sm_90a: scripts/compile_check.py); 64-wide tiles with 4 warps for small grids
+    tiles = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
+             (64, 64, 64, 4, 4), (64, 64, 32, 4, 4)]
     large = [_config(w, st, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
              for bn, bm, bk, w, st in tiles for sk in (1, 2, 4)]
     return small + large
@@ -294,11 +314,24 @@ def _prune_gemm(configs, named_args, **kwargs):
     bucket, g, K = named_args["M_BUCKET"], kwargs["GROUP_SIZE"], named_args["K"]
     if _INTERPRET:
         return [c for c in configs if (c.kwargs["SPLIT_K"] > 1) == (bucket <= 32)]
+    return _keep_gemm(configs, bucket, g, K, kwargs.get("NF4", False))
 
+
+def _keep_gemm(configs, bucket, g, K, nf4=False):
+    """The GPU rule of _prune_gemm."""
     def fits(c):  # tiles sized to the M bucket; split K only at small M and with >= 2 K-steps per split
         bm, bk, sk = c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], g), c.kwargs["SPLIT_K"]
         m_ok = bm == max(16, bucket) if bucket <= 32 else 64 <= bm <= bucket
-        return m_ok and (sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
+        # NF4's gathers at 128x128x64 spilled 208 B on sm_80 under triton 3.6; its 128x128 tile steps K by 32,
+        # unsplit (split K 2 and 4 spilled 4 B at 255 registers on sm_80 under triton 3.9)
+        big_nf4 = nf4 and bm * c.kwargs["BLOCK_N"] >= 16384 and (bk > 32 or sk > 1)
+        # int4's 16x128x128 on 8 warps spilled 4 B on sm_80 when split (ptxas held it at 128 registers; NF4's
+        # took 188 and did not), triton 3.9: a small tile of 16384 weights is not split for int4
+        big_split = not nf4 and sk > 1 and bm <= 32 and c.kwargs["BLOCK_N"] * bk >= 16384
+        # int4's 64x64x64 on 4 warps spilled 4 B on sm_80 (groups 64 to 256, at 128 registers), triton 3.9
+        int4_64 = not nf4 and bm == 64 and c.kwargs["BLOCK_N"] == 64 and bk == 64 and c.num_warps == 4
+        return m_ok and not big_nf4 and not big_split and not int4_64 and (
+            sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
     # BLOCK_K is clamped to the group size: one scale per row per K-step
     return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))
 
@@ -335,12 +368,13 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, lut_ptr, M, N, K, strid
         tl.atomic_add(y_ptrs, acc, mask=n_ok[:, None] & m_ok[None, :], sem="relaxed")
 
 
-def _dx_configs():
-    if _INTERPRET:
+def _dx_configs(interpret=None):
+    if _INTERPRET if interpret is None else interpret:
         return [_config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32)]
     # (BLOCK_M, BLOCK_K, BLOCK_N, warps, stages); BLOCK_K <= group size keeps one scale column per program
-    tiles = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
+    # (256-row tiles, and 128x64 with 4 warps, spilled on sm_80)
+    tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+             (64, 64, 64, 4, 4), (16, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
     return [_config(w, st, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn) for bm, bk, bn, w, st in tiles]
 
 
@@ -386,6 +420,21 @@ def _int4_dx_kernel(dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, lut_ptr, M, N, K, strid
 def _m_bucket(M):
     """The M_BUCKET kernel argument: it only keys the autotuner (and its pruners), one tuning per power of two."""
     return min(triton.next_power_of_2(M), 4096)
+
+
+def gpu_configs(kernel, M, K, group_size, nf4=False):
+    """The configs that the autotuner of `kernel` ("gemv", "gemm" or "dx") tries on a GPU for a launch with M rows
+    and K columns: its candidates after its pruner, as the launcher calls it (the same under TRITON_INTERPRET=1,
+    which changes only what the kernels run on the CPU). scripts/compile_check.py compiles each of them."""
+    bucket = _m_bucket(M)
+    if kernel == "gemv":
+        return _prune_gemv(_gemv_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size, BLOCK_M=bucket,
+                           NF4=nf4)
+    if kernel == "gemm":
+        return _keep_gemm(_gemm_configs(False), bucket, group_size, K, nf4)
+    if kernel == "dx":
+        return _prune_dx(_dx_configs(False), dict(M_BUCKET=bucket), GROUP_SIZE=group_size)
+    raise ValueError(f"kernel must be 'gemv', 'gemm' or 'dx', got {kernel!r}")
 
 
 def _dot_precision(dtype):

@@ -321,6 +321,89 @@ def test_kernels_build_for_hopper_with_wgmma_and_wide_loads(tmp_path):
     assert found["gemm_async_16B"] > 0, "GEMM tiles should be staged by 16-byte cp.async"
 
 
+def run_compile_check(tmp_path, *args, timeout):
+    """scripts/compile_check.py in a process without TRITON_INTERPRET -> its records (one per compile)."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, "scripts/compile_check.py", "--quiet", "--json", str(out), *args],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if not out.exists() and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this triton install has no ptxas")
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())["results"]
+
+
+def assert_all_compile_without_spills(proc, results):
+    assert {r["target"] for r in results} == {"sm_90a", "sm_80"}
+    assert {r["name"] for r in results} == {"gemv", "gemm", "dx", "loss", "adam"}
+    errors = [f"{r['target']} {r['name']} {r['constexprs']}: {r['error']}" for r in results if r["error"]]
+    assert not errors, "\n".join(errors[:5])
+    spills = [f"{r['target']} {r['name']} w{r['num_warps']} s{r['num_stages']} {r['constexprs']}: "
+              f"{r['spill_stores']} B spilled at {r['regs']} registers"
+              for r in results if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, "\n".join(spills)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_kept_configs_compile_for_sm90a_and_sm80_without_spills(tmp_path):
+    # the representative subset (about 60 compiles, ~1-2 min on 2 cores); the full set: -m compile_full
+    assert_all_compile_without_spills(*run_compile_check(tmp_path, timeout=600))
+
+
+@pytest.mark.compile_full
+def test_kept_configs_for_every_shape_compile_without_spills(tmp_path, request):
+    if "compile_full" not in (request.config.option.markexpr or ""):
+        pytest.skip("about 1800 compiles: run with -m compile_full (make compile-check-full)")
+    assert_all_compile_without_spills(*run_compile_check(tmp_path, "--full", timeout=7200))
+
+
+def _short(c):
+    return tuple(c.kwargs[k] for k in sorted(c.kwargs)) + (c.num_warps, c.num_stages)
+
+
+def test_pruners_keep_the_pinned_configs_for_representative_shapes():
+    # what each autotuner tries on a GPU; make compile-check-triton36 runs this under triton 3.6 too, so both
+    # versions are pinned to the same lists. Columns: the config's kwargs by name, then num_warps, num_stages.
+    # 4 rows: the 8x512 tile on 2 warps (on 4 it spilled 4 B on sm_90a); 1 row: on 4, with 8 warps above 8192 weights
+    gemv = [(256, 8, 4, 2), (512, 8, 2, 2), (1024, 8, 4, 2), (256, 16, 4, 2), (512, 16, 4, 2), (256, 32, 4, 2)]
+    gemv_1 = [(256, 8, 4, 2), (512, 8, 4, 2), (1024, 8, 4, 2), (256, 16, 4, 2), (512, 16, 4, 2), (1024, 16, 8, 2),
+              (256, 32, 4, 2), (512, 32, 8, 2)]
+    gemm_16 = [(32, 16, 64, sk, 4, 4) for sk in (1, 2, 4, 8)] + [(32, 16, 128, sk, w, 4)
+                                                                 for w in (4, 8) for sk in (1, 2, 4, 8)]
+    gemm_4096 = [(64, 128, 128, 1, 8, 3), (32, 128, 128, 1, 8, 4), (64, 64, 128, 1, 8, 3), (64, 128, 64, 1, 8, 3),
+                 (32, 64, 64, 1, 4, 4)]  # int4: no 64x64x64 on 4 warps (it spilled on sm_80 under triton 3.9)
+    dx = [(64, 128, 64, 8, 3), (64, 64, 64, 8, 4), (64, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 16, 128, 4, 4),
+          (64, 32, 64, 4, 4)]
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 4, 4096, 256)] == gemv          # BLOCK_K, BLOCK_N
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 1, 4096, 32)] == gemv_1
+    # NF4: half the tile (its gathers spilled on sm_90a at 16x1024 for 1 row and at 16x512 for 4)
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 4, 4096, 128, nf4=True)] == gemv[:2] + gemv[3:4]
+    assert [_short(c) for c in kernels.gpu_configs("gemv", 1, 4096, 32, nf4=True)] == gemv_1[:5] + gemv_1[6:7]
+    assert [_short(c) for c in kernels.gpu_configs("gemm", 16, 4096, 32)] == gemm_16      # K, M, N, SPLIT_K
+    assert [_short(c) for c in kernels.gpu_configs("gemm", 4096, 4096, 128)] == gemm_4096
+    nf4 = kernels.gpu_configs("gemm", 4096, 4096, 128, nf4=True)
+    # NF4: no 128x128x64 (it spilled on sm_80 under triton 3.6), and the 64x64x64 on 4 warps
+    assert [_short(c) for c in nf4] == gemm_4096[1:4] + [(64, 64, 64, 1, 4, 4)] + gemm_4096[4:]
+    assert [_short(c) for c in kernels.gpu_configs("dx", 4096, 4096, 64)] == dx           # BLOCK_K, M, N
+    # int4's small 128x128-weight tile is not split (it spilled on sm_80 when split); NF4's is
+    def big_splits(nf4):
+        return [c.kwargs["SPLIT_K"] for c in kernels.gpu_configs("gemm", 16, 4096, 128, nf4)
+                if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] == 16384]
+    big, big_nf4 = big_splits(False), big_splits(True)
+    assert big == [1] and big_nf4 == [1, 2, 4, 8]
+    # NF4's 128x128 tile (at K-steps of 32) is not split either: split, it spilled on sm_80
+    nf4_128 = [_short(c) for c in kernels.gpu_configs("gemm", 128, 4096, 32, True)
+               if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 16384]
+    assert nf4_128 == [(32, 128, 128, 1, 8, 3), (32, 128, 128, 1, 8, 4)]
+    # split K only while it leaves every split two K-steps: none for a K of two groups of 32
+    assert {c.kwargs["SPLIT_K"] for c in kernels.gpu_configs("gemm", 16, 64, 32)} == {1}
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
