@@ -271,7 +271,12 @@ def _make_kind(kind, vocab):
     import lora
     import quant
     m = _tiny_model(vocab)
-    if kind == "qat":
+    if kind == "llama":  # RMSNorm, SwiGLU, grouped-query attention, rope on every head, an untied head
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(block_size=48, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, bias=False,
+                          rope_heads=2, norm="rmsnorm", mlp="swiglu", intermediate_size=64, learned_pos=False,
+                          tie_embeddings=False))
+    elif kind == "qat":
         quant.quantize_(m, "w4g32")
     elif kind == "ptq_int4":
         quant.convert_(quant.apply_ptq_(m, "rtn", "w4g32"))
@@ -280,7 +285,7 @@ def _make_kind(kind, vocab):
     return m
 
 
-CKPT_KINDS = ["float", "qat", "ptq_int4", "lora_float", "lora_int4g32", "lora_nf4g32", "lora_nf4g32-dq"]
+CKPT_KINDS = ["float", "qat", "ptq_int4", "lora_float", "lora_int4g32", "lora_nf4g32", "lora_nf4g32-dq", "llama"]
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +324,7 @@ def test_every_kind_of_checkpoint_evaluates_in_reason_rl_and_train(every_kind, k
     assert rows and all(r["ours"] > 0 and r["baseline"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("kind", ["ptq_int4", "lora_nf4g32", "subtraction"])
+@pytest.mark.parametrize("kind", ["ptq_int4", "lora_nf4g32", "subtraction", "llama"])
 def test_rl_trains_from_quantized_adapter_and_subtraction_checkpoints(every_kind, kind, tmp_path, parity_reward):
     from checkpoint import load_model
     out = str(tmp_path / "run")
