@@ -46,7 +46,8 @@ def model_state(model):
 def load_checkpoint(path, for_resume=False):
     """The checkpoint dict at path, or a one-line UserError naming the file and what to do."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: check the path, or train one first with `python train.py`")
+        raise UserError(f"no checkpoint at {path} (no such checkpoint file): check the path, or train one first "
+                        f"with `python train.py`")
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory, not a checkpoint file")
     try:
