@@ -141,8 +141,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
                    help="the precision of ours in the train, qat, lora and memory sections (auto: train.py's)")
     p.add_argument("--shape", default="gpt2-small", choices=SHAPES,
-                   help="the real model shape (random weights) of the lora and memory sections, and a third "
-                        "train row")
+                   help="the real model shape (random weights) of the train, lora and memory sections")
     p.add_argument("--init_from", default="", help="generate: time this checkpoint's model instead of the default")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (for tests)")
     args = p.parse_args(argv)
@@ -223,18 +222,17 @@ def train_step(model, opt, x, ctx):
 def bench_train(args):
     """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens, in the
     precision of --dtype (auto: what train.py picks here, bf16 autocast on CUDA and on CPUs with native bf16)
-    against the same step in fp32, in alternating rounds."""
+    against the same step in fp32, in alternating rounds; on the default model and a real shape (--shape: GPT-2
+    small at 1024 tokens a row, or SmolLM2-135M / Qwen2.5-0.5B at 256)."""
     from model import GPTConfig
     cuda = args.device.startswith("cuda")
     default, default_batch = default_model_config()
-    gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    shape = real_shape(args.shape, 1024 if args.shape == "gpt2-small" else 256)
     if args.quick:  # (tiny: CPUs without native bf16 emulate it some 10-50x slower than fp32)
         default.block_size, default_batch = 64, 4
-        gpt2 = GPTConfig(block_size=64, vocab_size=2048, n_layer=2, n_head=4, n_embd=128)
-    configs = [("default", default, default_batch), ("gpt2-small" if not args.quick else "gpt2-tiny",
-                                                     gpt2, 8 if cuda else 1)]
-    if args.shape != "gpt2-small" and not args.quick:  # a Llama-family shape beside them, at 256 tokens a row
-        configs.append((args.shape, real_shape(args.shape, 256), 8 if cuda else 1))
+        shape = GPTConfig(block_size=64, vocab_size=2048, n_layer=2, n_head=4, n_embd=128)
+    configs = [("default", default, default_batch),
+               (args.shape if not args.quick else "gpt2-tiny", shape, 8 if cuda else 1)]
     rows = []
     for name, cfg, batch in configs:
         rows += _train_rows(args, name, cfg, batch)

@@ -330,7 +330,10 @@ def _keep_gemm(configs, bucket, g, K, nf4=False):
         big_split = not nf4 and sk > 1 and bm <= 32 and c.kwargs["BLOCK_N"] * bk >= 16384
         # int4's 64x64x64 on 4 warps spilled 4 B on sm_80 (groups 64 to 256, at 128 registers), triton 3.9
         int4_64 = not nf4 and bm == 64 and c.kwargs["BLOCK_N"] == 64 and bk == 64 and c.num_warps == 4
-        return m_ok and not big_nf4 and not big_split and not int4_64 and (
+        # 32-row tiles stepping K by 128 spilled 4-28 B on sm_80 with fp16 activations (groups 128 and 256; int4
+        # when split, NF4 always), triton 3.9: they step K by 64 at most
+        deep32 = bm == 32 and bk > 64
+        return m_ok and not big_nf4 and not big_split and not int4_64 and not deep32 and (
             sk == 1 or (bucket <= SPLIT_K_MAX_BUCKET and sk * bk <= K // 2))
     # BLOCK_K is clamped to the group size: one scale per row per K-step
     return _distinct(_with(c, BLOCK_K=min(c.kwargs["BLOCK_K"], g)) for c in configs if fits(c))

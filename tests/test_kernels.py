@@ -400,6 +400,9 @@ def test_pruners_keep_the_pinned_configs_for_representative_shapes():
     nf4_128 = [_short(c) for c in kernels.gpu_configs("gemm", 128, 4096, 32, True)
                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 16384]
     assert nf4_128 == [(32, 128, 128, 1, 8, 3), (32, 128, 128, 1, 8, 4)]
+    # 32-row tiles step K by 64 at most (by 128 they spilled on sm_80 with fp16 activations)
+    rows32 = kernels.gpu_configs("gemm", 32, 4096, 256) + kernels.gpu_configs("gemm", 32, 4096, 256, True)
+    assert rows32 and all(c.kwargs["BLOCK_M"] == 32 and c.kwargs["BLOCK_K"] <= 64 for c in rows32)
     # split K only while it leaves every split two K-steps: none for a K of two groups of 32
     assert {c.kwargs["SPLIT_K"] for c in kernels.gpu_configs("gemm", 16, 64, 32)} == {1}
 
