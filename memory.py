@@ -155,8 +155,10 @@ class _StepShape:
                       for ckpt in (bool(every) and i % every == 0 for i in range(L))]
         # kept all step: token and target ids (int64); with per-row positions, rotary cos and sin per token
         # (fp32); the embedding's dropout mask
-        C, q = c.n_embd, c.n_head * c.head_size
-        self.whole_step = 16 * N + (4 * N * 2 * q if row_positions and c.rope_heads else 0) + \
+        C = c.n_embd
+        # (the tables hold one row of head_size per token when every head rotates, else one per head)
+        rope = c.head_size if c.rope_heads == c.n_head else c.n_head * c.head_size
+        self.whole_step = 16 * N + (4 * N * 2 * rope if row_positions and c.rope_heads else 0) + \
             (N * C if c.dropout else 0)
 
     def block(self, checkpointed):
@@ -198,7 +200,9 @@ def _head_grad(model):
 def _phase_bytes(est, shape, grad_accum, shard, dequant, head_grad):
     """The step's memory at each of its phases."""
     C, N = shape.c.n_embd, shape.N
-    hidden = shape.c.mlp_hidden * (2 if shape.c.mlp == "swiglu" else 1)
+    # the MLP's hidden gradient(s): GELU's counted at fp32 width (on the safe side under autocast); SwiGLU's two at
+    # the activations' width (counted at fp32 they put a bf16 Qwen3 step 10% over its measured peak)
+    hidden = 4 * shape.c.mlp_hidden if shape.c.mlp == "gelu" else 2 * shape.s * shape.c.mlp_hidden
     fixed = est["weights"] + est["optimizer"] + est["comm_buffers"] + est.get("weight_copies", 0)
     accumulated = est["grads"] if grad_accum > 1 else 0
     # an adapter's backward scales the gradient of its output: one more gradient as wide as the widest adapter
@@ -210,7 +214,7 @@ def _phase_bytes(est, shape, grad_accum, shard, dequant, head_grad):
         loss=fixed + accumulated + est["activations"] + est["loss"],
         # the backward of a block holds its MLP's hidden gradient (two for SwiGLU) beside what the blocks keep (and
         # an adapter's scaled one), and the gradient flowing in and the head's weight gradient exist
-        backward=fixed + accumulated + shape.whole_step + shape.in_blocks() + 4 * N * (hidden + C) + lora_grad
+        backward=fixed + accumulated + shape.whole_step + shape.in_blocks() + N * (hidden + 4 * C) + lora_grad
         + head_grad + dequant,
         # a tied weight's two gradients (head, embedding) and their sum exist at once, beside the others
         backward_end=fixed + est["grads"] + (2 * head_grad / shard if shape.c.tie_embeddings else 0),

@@ -205,8 +205,8 @@ def test_estimate_meets_the_measured_peak(name, dtype):
                                  dtype=dtype)
     # the estimate counts the tensors autograd keeps, phase by phase; on these shapes it lands within 1% of the
     # dispatcher-level peak (the issue asks for 15%; 5% leaves room for small tensors it does not list)
-    # (Llama shapes: 10%, the planner's promise there; bf16 with checkpointing counts the backward's gradients at
-    # fp32 width, on the safe side)
+    # (Llama shapes: 10%, the planner's promise there; measured +0.0 / +1.1% for llama-gqa and -2.8 / +4.7% for
+    # qwen3-ckpt+chunked in fp32 / bf16)
     tol = 0.10 if "llama" in name or "qwen" in name else 0.05
     assert abs(est["peak"] / measured - 1) < tol, (memory.format_estimate(est), measured / 2 ** 20)
 
