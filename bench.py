@@ -156,10 +156,11 @@ def main(argv=None):
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist; create it or give another path")
     env = dict(environment(), dtype=args.dtype)
-    if args.init_from:  # checked before any section runs
+    args.model = None
+    if args.init_from:  # loaded (and checked) once, before any section runs
         from checkpoint import load_model
         try:
-            load_model(args.init_from)
+            args.model = load_model(args.init_from)[0]
         except UserError as e:
             p.error(f"--init_from: {e}")
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -276,9 +277,8 @@ def bench_generate(args):
     default model's shape, or with --init_from any checkpoint the project writes (within its block_size)."""
     from model import GPT
     new, prompt_len = (64 if args.quick else 256), 16
-    if args.init_from:
-        from checkpoint import load_model
-        model = load_model(args.init_from)[0].to(args.device).eval()
+    if args.model is not None:
+        model = args.model.to(args.device).eval()
         cfg = model.config
         new = min(new, cfg.block_size - prompt_len)
         if new < 1:

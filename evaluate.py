@@ -109,8 +109,6 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-
-
 def untagged_summary(model, tok, task, device, n_per_level, ctx=nullcontext(), budget=None):
     """Greedy accuracy, mean tokens and tokens per right answer (None when none is right) over untagged prompts,
     with the per-level rows: the figures the RL loop tracks."""

@@ -441,7 +441,7 @@ def rl_config(cfg, explicit):
     saved = load_checkpoint(path)
     if "rl" not in saved:
         raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
-    legacy = saved["config"].get("dtype") == "auto" and "dtype" not in explicit
+    legacy = runtime.saved_before_resolving(saved["config"], explicit)
     cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
                         reset=("stop_after",))
     check_config(cfg)
@@ -450,9 +450,8 @@ def rl_config(cfg, explicit):
 
 def run(cfg, explicit, start_eval=None):
     cfg, legacy_dtype = rl_config(cfg, explicit)
-    env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False)
-    if legacy_dtype and env.device == "cpu":
-        env.dtype = "float32"  # what auto meant on every CPU when that run was saved
+    env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False,
+                        legacy_auto=legacy_dtype)
     cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
     policy = load_policy(os.path.join(cfg.out_dir, "ckpt.pt") if cfg.resume else cfg.init_from, cfg, env)
     if cfg.eval_only:

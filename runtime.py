@@ -96,8 +96,15 @@ class Env:
         return autocast(self.device, self.dtype)
 
 
-def setup(device="auto", dtype="auto", threads=0, seed=0, distributed=True):
-    """The process's Env: threads, device, process group (when started by torchrun), precision, seeds."""
+def saved_before_resolving(saved_config, explicit):
+    """True for a run saved before runs recorded what --dtype auto resolved to, when auto meant fp32 on every CPU
+    (and no --dtype is given now): setup() then keeps it in fp32 on CPU, as it ran."""
+    return saved_config.get("dtype") == "auto" and "dtype" not in explicit
+
+
+def setup(device="auto", dtype="auto", threads=0, seed=0, distributed=True, legacy_auto=False):
+    """The process's Env: threads, device, process group (when started by torchrun), precision, seeds.
+    legacy_auto: see saved_before_resolving."""
     if threads < 0:
         raise UserError(f"--threads must be 0 (torch's default) or more, not {threads}")
     if threads:
@@ -105,6 +112,8 @@ def setup(device="auto", dtype="auto", threads=0, seed=0, distributed=True):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     dtype = resolve_dtype(dev, dtype)  # checked before a process group exists
+    if legacy_auto and dev == "cpu":
+        dtype = "float32"
     rank, world = 0, 1
     if distributed and "RANK" in os.environ:
         rank, world = init_process_group(dev)

@@ -82,8 +82,7 @@ def starting_point(cfg, explicit):
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path, for_resume=True)
         saved = ckpt["config"]
-        # saved before runs recorded what --dtype auto resolved to, when auto meant fp32 on every CPU
-        legacy = saved.get("dtype") == "auto" and "dtype" not in explicit
+        legacy = runtime.saved_before_resolving(saved, explicit)
         cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
                             cfg, explicit, reset=("stop_after",))
         check_config(cfg)
@@ -400,9 +399,7 @@ def evaluate_converted(model, data, val_tokens, cfg, env, path):
 
 def run(cfg, explicit):
     cfg, ckpt, model, legacy_dtype = starting_point(cfg, explicit)
-    env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed)
-    if legacy_dtype and env.device == "cpu":
-        env.dtype = "float32"  # what auto meant on every CPU when that run was saved
+    env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, legacy_auto=legacy_dtype)
     cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
     if cfg.fsdp and env.world == 1:
         raise UserError("--fsdp shards over processes: start it with torchrun (torchrun --nproc_per_node 2 train.py "
