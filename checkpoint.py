@@ -115,13 +115,17 @@ def load_model(path, dropout=None):
     return model_from_checkpoint(ck, path, dropout), ck
 
 
-def resume_config(cls, saved, cfg, explicit, reset=()):
+def resume_config(cls, saved, cfg, explicit, reset=(), source="the checkpoint"):
     """The saved run's config with the flags given now (`explicit`) on top; `reset` names fields that return to
     their defaults (e.g. stop_after). Fields this version no longer knows are dropped; renamed ones follow."""
     names = {f.name for f in fields(cls)}
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     defaults = cls()
     merged = {k: v for k, v in saved.items() if k in names}
+    try:
+        cls(**merged)  # the saved run's own settings, held to today's rules before any flag is laid on them
+    except UserError as e:
+        raise UserError(f"{source}: its saved config is not valid ({e}); start a new run from it with --init_from")
     merged.update({k: getattr(defaults, k) for k in reset})
     merged.update({k: getattr(cfg, k) for k in explicit})
     return cls(**merged)

@@ -11,10 +11,12 @@ Ideas it rests on:
 """
 import difflib
 import inspect
+import math
 import os
+import re
 import sys
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from data.loader import DataError
 
@@ -26,73 +28,201 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, nothing saved is touched."""
 
 
+# ----------------------------------------------------------------------------- what a field accepts
+
+def arg(default, *, min=None, max=None, above=None, below=None, choices=None, check=None):
+    """A config field's default and what it accepts: a range (min/max inclusive, above/below exclusive),
+    choices, or check(value) -> a reason it is wrong, or None. Floats must also be finite. The rule is kept in
+    the field's metadata, so flags, TOML and configs read back from checkpoints are all held to it."""
+    rule = dict(min=min, max=max, above=above, below=below, choices=choices, check=check)
+    return field(default=default, metadata={k: v for k, v in rule.items() if v is not None})
+
+
+def field_problem(name, typ, value, rule):
+    """Why `value` is not acceptable for the field, as "--name ..." in one line, or None."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        return f"--{name} expects {typ.__name__}, got {value!r}"
+    if typ is float and not math.isfinite(value):
+        return f"--{name} must be a finite number, not {value}"
+    limits = (("min", ">=", value < rule.get("min", -math.inf)), ("max", "<=", value > rule.get("max", math.inf)),
+              ("above", ">", value <= rule.get("above", -math.inf)),
+              ("below", "<", value >= rule.get("below", math.inf))) if typ in (int, float) else ()
+    for key, sign, broken in limits:
+        if broken:
+            return f"--{name} must be {sign} {rule[key]:g}, not {value:g}"
+    if "choices" in rule and value not in rule["choices"]:
+        return f"--{name} must be one of {', '.join(map(str, rule['choices']))}; not {value!r}"
+    why = rule["check"](value) if "check" in rule else None
+    return f"--{name} {value!r}: {why}" if why else None
+
+
+def validate(cfg):
+    """UserError (one line, naming the flag) for the first field or relation between fields that is wrong."""
+    for f in fields(cfg):
+        problem = field_problem(f.name, f.type, getattr(cfg, f.name), f.metadata)
+        if problem:
+            raise UserError(problem)
+    for problem in cfg.relations():
+        raise UserError(problem)
+
+
+class Checked:
+    """A config dataclass that validates itself whenever it is made: from flags, TOML, a saved config."""
+
+    def __post_init__(self):
+        for f in fields(self):  # ints written where a float is expected are floats
+            if f.type is float and type(getattr(self, f.name)) is int:
+                setattr(self, f.name, float(getattr(self, f.name)))
+        validate(self)
+
+    def relations(self):
+        return ()
+
+
+def _with(fn):
+    """check= for a value that `fn` parses (raising ValueError): the parser's first line is the reason."""
+    def check(value):
+        try:
+            value and fn(value)
+        except (ValueError, TypeError) as e:
+            return str(e).splitlines()[0]
+        return None
+    return check
+
+
+def _quant_spec(text):
+    import quant
+    return quant.parse_spec(text)
+
+
+def _lora_base(text):
+    import lora
+    return lora.parse_base(text)
+
+
+def _memory_size(text):
+    import memory
+    return memory.parse_bytes(text)
+
+
+def _numbers(typ, min_value, unique=False):
+    """check= for a comma-separated list of numbers, each at least min_value."""
+    def check(text):
+        try:
+            values = [typ(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            return f"must be comma-separated {typ.__name__}s, e.g. {'1,2,3' if typ is int else '0.25,0.5'}"
+        if any(not math.isfinite(v) or v < min_value for v in values):
+            return f"every value must be a finite number >= {min_value:g}"
+        if unique and len(set(values)) < len(values):
+            return "a value is repeated"
+        return None
+    return check
+
+
+def _device(text):
+    if text in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return None
+    return "must be auto, cpu, cuda, cuda:N or mps"
+
+
+def _not_blank(text):
+    return "must not be empty" if not text.strip() else None
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     # i/o
-    out_dir: str = "out"
-    dataset: str = "reasoning"      # a folder under data/ (or a path) made by data/prepare.py; reasoning is built
+    out_dir: str = arg("out", check=_not_blank)
+    dataset: str = arg("reasoning", check=_not_blank)  # a folder under data/ (or a path) made by data/prepare.py
     init_from: str = ""             # "": from scratch; a checkpoint file; or a local Hugging Face directory
     resume: bool = False            # continue out_dir/ckpt.pt exactly
     overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
     eval_only: bool = False         # evaluate init_from (or out_dir/ckpt.pt) and exit
     # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    rope_heads: int = 2             # heads that also use rotary positions (see model.py)
-    gelu: str = "exact"             # exact or tanh (GPT-2's approximation; a checkpoint's own choice wins)
-    block_size: int = 224
-    dropout: float = 0.0
+    n_layer: int = arg(4, min=1)
+    n_head: int = arg(4, min=1)
+    n_embd: int = arg(128, min=1)   # a multiple of n_head
+    rope_heads: int = arg(2, min=0)  # heads that also use rotary positions (see model.py), at most n_head
+    gelu: str = arg("exact", choices=("exact", "tanh"))  # tanh: GPT-2's approximation (a checkpoint's own wins)
+    block_size: int = arg(224, min=2)
+    dropout: float = arg(0.0, min=0, below=1)
     bias: bool = False              # biases in Linear and LayerNorm (GPT-2 has them; off: a step 7% cheaper)
     # optimisation
-    batch_size: int = 36            # rows per micro-batch per process
-    grad_accum: int = 1             # micro-batches per step per process
-    max_iters: int = 700            # length of the LR schedule
-    stop_after: int = 0             # stop at this step (0: at max_iters); --resume continues the same schedule
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_iters: int = 70
-    weight_decay: float = 0.1       # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0          # 0: off
-    optim: str = "adamw"            # adamw (fp32 moments, torch fused) or adamw8bit (optim.AdamW8bit)
+    batch_size: int = arg(36, min=1)  # rows per micro-batch per process
+    grad_accum: int = arg(1, min=1)  # micro-batches per step per process
+    max_iters: int = arg(700, min=1)  # length of the LR schedule
+    stop_after: int = arg(0, min=0)  # stop at this step (0: at max_iters); --resume continues the same schedule
+    lr: float = arg(3e-3, above=0)
+    min_lr: float = arg(3e-4, min=0)  # the cosine schedule's floor, at most lr
+    warmup_iters: int = arg(70, min=0)
+    weight_decay: float = arg(0.1, min=0)  # on matrices only
+    beta1: float = arg(0.9, min=0, below=1)
+    beta2: float = arg(0.99, min=0, below=1)
+    grad_clip: float = arg(1.0, min=0)  # clip the gradient's global norm to this (0: off)
+    optim: str = arg("adamw", choices=("adamw", "adamw8bit"))  # adamw8bit: optim.AdamW8bit's 8-bit moments
     # memory (memory.py)
     grad_ckpt: bool = False         # activation checkpointing: blocks recompute their activations in backward
-    grad_ckpt_every: int = 1        # with --grad_ckpt: checkpoint every k-th block
+    grad_ckpt_every: int = arg(1, min=1)  # with --grad_ckpt: checkpoint every k-th block
     chunked_loss: bool = False      # loss and its gradient in chunks of rows: (tokens x vocab) logits never held
     fsdp: bool = False              # under torchrun: shard weights, grads, optimizer state (FSDP2) instead of DDP
     plan: bool = False              # print the memory estimate, measure a few steps against it, write nothing
-    memory_budget: str = ""         # e.g. 8GB: the largest micro-batch (and checkpointing) whose estimate fits
+    memory_budget: str = arg("", check=_with(_memory_size))  # e.g. 8GB: the largest micro-batch that fits
     # evaluation and logging
-    log_interval: int = 50
-    eval_interval: int = 0          # val loss + task accuracy every N steps, with a checkpoint (0: only the final)
-    eval_iters: int = 20
-    eval_problems: int = 100        # test problems per level in periodic evaluations (untagged)
-    final_problems: int = 200       # per level and style in the final evaluation
-    samples: int = 4                # answers printed at the end
+    log_interval: int = arg(50, min=1)
+    eval_interval: int = arg(0, min=0)  # val loss + accuracy every N steps, with a checkpoint (0: only the final)
+    eval_iters: int = arg(20, min=1)
+    eval_problems: int = arg(100, min=1)  # test problems per level in periodic evaluations (untagged)
+    final_problems: int = arg(200, min=1)  # per level and style in the final evaluation
+    samples: int = arg(4, min=0)    # answers printed at the end
     # quantization (quant.py's SPEC_GRAMMAR: w8, w4g32, w4a8g32, w3g64, w2g64, w1.58, nf4g64, ...; -lsq learns scales)
-    qat: str = ""                   # fake-quant spec for quantization-aware training ("": off)
-    qat_start: int = 0              # step from which fake-quant is on (before it: float training)
-    ptq: str = ""                   # rtn | gptq: quantize --init_from's model, evaluate it, save it converted
-    ptq_spec: str = ""              # the spec --ptq quantizes to
-    ptq_batches: int = 16           # GPTQ calibration batches from the training data
+    qat: str = arg("", check=_with(_quant_spec))  # fake-quant spec for quantization-aware training ("": off)
+    qat_start: int = arg(0, min=0)  # step from which fake-quant is on (before it: float training)
+    ptq: str = arg("", choices=("", "rtn", "gptq"))  # quantize --init_from's model, evaluate it, save it converted
+    ptq_spec: str = arg("", check=_with(_quant_spec))  # the spec --ptq quantizes to
+    ptq_batches: int = arg(16, min=1)  # GPTQ calibration batches from the training data
     # LoRA / QLoRA fine-tuning of --init_from's model (lora.py)
-    lora_rank: int = 0              # > 0: freeze the model and train rank-R adapters on --lora_targets
-    lora_alpha: float = 16.0        # the adapters' output is scaled by alpha / rank
-    lora_dropout: float = 0.0
-    lora_base: str = "float"        # frozen base: float, int4g64, nf4g64, nf4g64-dq (int8 scales), int3g64, int2g64
-    lora_targets: str = "c_attn,c_proj,c_fc"
+    lora_rank: int = arg(0, min=0)  # > 0: freeze the model and train rank-R adapters on --lora_targets
+    lora_alpha: float = arg(16.0, above=0)  # the adapters' output is scaled by alpha / rank
+    lora_dropout: float = arg(0.0, min=0, below=1)
+    lora_base: str = arg("float", check=_with(_lora_base))  # float, int4g64, nf4g64, nf4g64-dq, int3g64, ...
+    lora_targets: str = arg("c_attn,c_proj,c_fc", check=_not_blank)
     loftq: bool = False             # LoftQ: initialise the 4-bit base and the adapters together (else B = 0)
-    loftq_iters: int = 5
-    loftq_split: str = "lora"       # lora: A at LoRA's init scale, B the rest; sqrt: sqrt(S) on each (the paper's)
+    loftq_iters: int = arg(5, min=1)
+    loftq_split: str = arg("lora", choices=("lora", "sqrt"))  # lora: A at LoRA's init, B the rest; sqrt: both
     lora_merge: bool = False        # merge --init_from's adapters into float weights (then --ptq to requantize)
     # system
-    device: str = "auto"            # auto: cuda > mps > cpu
-    dtype: str = "auto"             # auto: bf16 autocast on CUDA (bf16) and bf16-native CPUs, else float32
+    device: str = arg("auto", check=_device)  # auto: cuda > mps > cpu
+    dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA and bf16 CPUs
     compile: bool = False
-    seed: int = 1337
-    threads: int = 0                # torch CPU threads (0: torch's default)
+    seed: int = arg(1337, min=0, max=2 ** 32 - 1)
+    threads: int = arg(0, min=0)    # torch CPU threads (0: torch's default)
+
+    def relations(self):
+        last = self.stop_after or self.max_iters
+        yield from _problems(
+            (self.n_embd % self.n_head, f"--n_embd {self.n_embd} must be a multiple of --n_head {self.n_head}"),
+            (self.rope_heads > self.n_head, f"--rope_heads {self.rope_heads} exceeds --n_head {self.n_head}"),
+            (self.min_lr > self.lr, f"--min_lr {self.min_lr:g} is above --lr {self.lr:g}: the schedule decays"),
+            (self.stop_after > self.max_iters, f"--stop_after {self.stop_after} is beyond --max_iters "
+                                               f"{self.max_iters}"),
+            (self.qat and self.qat_start >= last, f"--qat_start {self.qat_start} is at or beyond the last step "
+                                                  f"{last}: fake-quant would never be on; lower it"),
+            (self.qat_start and not self.qat, "--qat_start needs --qat SPEC"),
+            (self.ptq and not (self.ptq_spec and self.init_from) or self.ptq and self.qat,
+             "--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat"),
+            (self.ptq_spec and not self.ptq, "--ptq_spec needs --ptq rtn|gptq"),
+            (self.resume and self.eval_only, "--resume and --eval_only do not combine: drop one"),
+        )
+        import lora  # (torch: loaded only when a config is checked)
+        yield from _problems((lora.check_flags(self), lora.check_flags(self)))
+
+
+def _problems(*pairs):
+    """The messages whose condition holds."""
+    return [why for broken, why in pairs if broken]
 
 
 LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")

@@ -260,6 +260,15 @@ def check_config(c):
     def need(ok, why):
         if not ok:
             raise ValueError(f"GPTConfig: {why}")
+    for f in fields(c):  # the types the fields declare (a config.json or a saved dict may hold anything)
+        v, typ = getattr(c, f.name), f.type
+        if typ in (int, float, bool, str):
+            number = typ in (int, float) and not isinstance(v, bool)
+            ok = isinstance(v, (int, float) if typ is float else typ) and (typ is bool or number or typ is str)
+            need(ok and (not number or math.isfinite(v)), f"{f.name}={v!r} must be a finite {typ.__name__}")
+    need(c.vocab_size > 0 and c.block_size > 0, "vocab_size and block_size must be positive")
+    need(0 <= c.dropout < 1, f"dropout={c.dropout} must be in [0, 1)")
+    need(c.rope_base > 0, f"rope_base={c.rope_base} must be positive")
     for name, kinds in (("gelu", GELU_KINDS), ("norm", NORM_KINDS), ("mlp", MLP_KINDS)):
         need(getattr(c, name) in kinds, f"{name}={getattr(c, name)!r} must be {' or '.join(kinds)}")
     need(c.n_head > 0 and c.n_embd > 0 and c.n_layer >= 0, "n_head and n_embd must be positive")

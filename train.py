@@ -31,44 +31,9 @@ from data.loader import make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
 from evaluate import estimate_val_loss, evaluate_reasoning, final_evaluation, summarize
 from kernels import linear_cross_entropy
-from model import GELU_KINDS, GPT, GPTConfig, config_from_dict
+from model import GPT, GPTConfig, config_from_dict
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "gelu", "block_size", "bias")
-POSITIVE = ("batch_size", "grad_accum", "grad_ckpt_every", "max_iters", "log_interval", "eval_iters",
-            "eval_problems", "final_problems", "n_layer", "n_head", "n_embd", "block_size")
-
-
-# ----------------------------------------------------------------------------- checks
-
-def check_config(cfg):
-    bad = [k for k in POSITIVE if getattr(cfg, k) < 1]
-    if bad:
-        raise UserError(f"--{bad[0]} must be at least 1, not {getattr(cfg, bad[0])}")
-    if cfg.eval_interval < 0:
-        raise UserError(f"--eval_interval must be 0 (only the final evaluation) or more, not {cfg.eval_interval}")
-    if cfg.stop_after and cfg.stop_after > cfg.max_iters:
-        raise UserError(f"--stop_after {cfg.stop_after} is beyond --max_iters {cfg.max_iters}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), not {cfg.dropout}")
-    if cfg.gelu not in GELU_KINDS:
-        raise UserError(f"--gelu must be {' or '.join(GELU_KINDS)}, not {cfg.gelu!r}")
-    if cfg.optim not in ("adamw", "adamw8bit"):
-        raise UserError(f"--optim {cfg.optim!r} is not known; choose adamw or adamw8bit")
-    check_quant_config(cfg)
-
-
-def check_quant_config(cfg):
-    for flag in ("qat", "ptq_spec"):
-        try:
-            getattr(cfg, flag) and quant.parse_spec(getattr(cfg, flag))
-        except ValueError as e:
-            raise UserError(f"--{flag}: {str(e).splitlines()[0]}; grammar: see quant.SPEC_GRAMMAR, e.g. w4g32")
-    if cfg.ptq and (cfg.ptq not in ("rtn", "gptq") or not cfg.ptq_spec or not cfg.init_from or cfg.qat):
-        raise UserError("--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat")
-    if cfg.ptq_spec and not cfg.ptq:
-        raise UserError("--ptq_spec needs --ptq rtn|gptq")
-    if lora.check_flags(cfg):
-        raise UserError(lora.check_flags(cfg))
 
 
 # ----------------------------------------------------------------------------- what the run starts from
@@ -77,7 +42,6 @@ def starting_point(cfg, explicit):
     """(config, checkpoint dict or None, model from a Hugging Face directory or None, legacy dtype): the resumed
     run's merged config, or what to start from. Everything is loaded and checked before anything is written; a
     checkpoint's model is built later, after seeding (its LoRA or QAT additions draw from the RNG)."""
-    check_config(cfg)
     if cfg.resume:
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path, for_resume=True)
@@ -85,7 +49,6 @@ def starting_point(cfg, explicit):
         legacy = runtime.saved_before_resolving(saved, explicit)
         cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
                             cfg, explicit, reset=("stop_after",))
-        check_config(cfg)
         sync_model_fields(cfg, explicit, checkpoint_config(ckpt, path), path)
         return cfg, ckpt, None, legacy
     path = cfg.init_from or (os.path.join(cfg.out_dir, "ckpt.pt") if cfg.eval_only else "")
