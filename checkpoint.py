@@ -5,6 +5,10 @@
     load_model(path, dropout)              a checkpoint file or a local Hugging Face directory -> (GPT, ckpt)
     resume_config(cls, saved, cfg, explicit)   the saved run's settings with the flags given now on top
     refuse_existing(out_dir, overwrite)    a fresh run never replaces a saved one unless told to
+    refuse_changes(saved, cfg, explicit, fixed, path)   a resumed run trains what it trained
+    run_lock(out_dir)                      one run at a time writes to a folder
+    clear_run(out_dir)                     --overwrite: the old run's files go, once the new run's inputs are good
+    eval_only_path(out_dir, source)        where an evaluation-only run writes, never over another run's results
 
 Ideas it rests on:
 - A checkpoint is a dict of tensors and plain containers: the model's state_dict, its GPTConfig as a dict, and
@@ -13,8 +17,13 @@ Ideas it rests on:
   steps: GPT(config), restore the swapped modules empty, load the state_dict. Whatever wrote the checkpoint
   (pretraining, QAT, PTQ, QLoRA, FSDP, the RL loop), every entry point loads it this way.
 - Loading never runs code: torch.load(weights_only=True), and a file that needs more is refused.
+- A run folder belongs to one run: a lock while it runs, --overwrite clears it only after the new run's inputs
+  have been checked, and evaluation-only results get a file of their own.
 """
+import contextlib
+import fcntl
 import os
+import re
 import pickletools
 import warnings
 import zipfile
@@ -27,6 +36,7 @@ import quant
 from config import RENAMED, UserError
 from files import atomic_write
 from model import GPT, config_from_dict
+from model import check_config as check_model_config
 
 RESUME_KEYS = ("model", "model_config", "optimizer", "step", "config", "rng", "loader")
 
@@ -61,6 +71,7 @@ def load_checkpoint(path, for_resume=False):
         raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); use another file")
     if not isinstance(ck, dict) or "model" not in ck or not isinstance(ck.get("model_config"), dict):
         raise UserError(f"{path} is not a checkpoint of this trainer (no model/model_config inside)")
+    checked_model_config(ck, path)
     missing = [k for k in RESUME_KEYS if k not in ck] if for_resume else []
     if missing:
         raise UserError(f"{path} cannot be resumed (it lacks {', '.join(missing)}): use --init_from to start from it")
@@ -82,9 +93,19 @@ def _calls_code(path):
     return any(op in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX") for op in ops)
 
 
+def checked_model_config(ck, path="the checkpoint"):
+    """The checkpoint's GPTConfig, held to the model's own checks (types, ranges, head counts)."""
+    try:
+        config = config_from_dict(ck["model_config"])
+        check_model_config(config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model config is not valid ({str(e).splitlines()[0]})")
+    return config
+
+
 def model_from_checkpoint(ck, path="the checkpoint", dropout=None):
     """A GPT holding the checkpoint's weights, with its quantized layers and adapters rebuilt first."""
-    config = config_from_dict(ck["model_config"])
+    config = checked_model_config(ck, path)
     if dropout is not None:
         config.dropout = dropout
     try:
@@ -131,11 +152,64 @@ def resume_config(cls, saved, cfg, explicit, reset=(), source="the checkpoint"):
     return cls(**merged)
 
 
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file: give a folder")
+
+
 def refuse_existing(out_dir, overwrite, what="ckpt.pt"):
     """A fresh run never replaces a saved one unless --overwrite says so."""
     path = os.path.join(out_dir, what)
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file: give a folder")
+    check_out_dir(out_dir)
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{path} already holds a run: --resume to continue it, --out_dir DIR for a new one, "
                         f"or --overwrite to replace it")
+
+
+def refuse_changes(saved, cfg, explicit, fixed, path):
+    """A resumed run continues what it was training: an explicit flag among `fixed` that differs from the
+    saved config is refused."""
+    for k in fixed:
+        if k in explicit and k in saved and getattr(cfg, k) != saved[k]:
+            raise UserError(f"--{k} {getattr(cfg, k)!r} differs from the run being resumed ({saved[k]!r}): --resume "
+                            f"continues {path} as it was; start a new run with --init_from {path} to change it")
+
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "eval.json", "eval_converted.json", "converted.pt", "summary.json")
+
+
+def clear_run(out_dir):
+    """--overwrite: remove the old run's files (called once the new run has checked all of its inputs)."""
+    for name in RUN_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """Hold out_dir/.lock (an advisory lock the system drops when the process dies) while a run writes there."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise UserError(f"{out_dir} is in use by another run (pid {pid}): wait for it to end, or give another "
+                            f"--out_dir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def eval_only_path(out_dir, source):
+    """An evaluation-only run's result file, named after what it evaluated: it never replaces a training run's
+    eval.json, nor another checkpoint's results."""
+    rel = os.path.relpath(os.path.abspath(source))
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", rel if not rel.startswith("..") else os.path.abspath(source))
+    return os.path.join(out_dir, f"eval_only_{name.strip('_.')}.json")

@@ -215,6 +215,8 @@ class TrainConfig(Checked):
              "--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat"),
             (self.ptq_spec and not self.ptq, "--ptq_spec needs --ptq rtn|gptq"),
             (self.resume and self.eval_only, "--resume and --eval_only do not combine: drop one"),
+            (self.optim == "adamw8bit" and self.fsdp,
+             "--optim adamw8bit does not shard its state under --fsdp yet; use DDP (drop --fsdp)"),
         )
         import lora  # (torch: loaded only when a config is checked)
         yield from _problems((lora.check_flags(self), lora.check_flags(self)))
@@ -381,6 +383,9 @@ def cli(cls, entry, argv=None):
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a folder without write permission: the message names the file
+        print(f"error: {e.strerror or e}: {e.filename or ''} (files saved before are intact)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: nothing was saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)

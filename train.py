@@ -13,6 +13,7 @@ Ideas it rests on:
 - A checkpoint holds everything a run depends on (model, optimizer, step, RNG states, the loader's position, the
   config), so --resume continues bit for bit, and a crash or a bad flag never destroys a saved run.
 """
+import contextlib
 import math
 import os
 import time
@@ -24,16 +25,21 @@ import lora
 import memory
 import quant
 import runtime
-from checkpoint import (load_checkpoint, load_model, model_from_checkpoint, model_state, refuse_existing,
-                        resume_config, save_checkpoint)
+from checkpoint import (check_out_dir, checked_model_config, clear_run, eval_only_path, load_checkpoint, load_model,
+                        model_from_checkpoint, model_state, refuse_changes, refuse_existing, resume_config, run_lock,
+                        save_checkpoint)
 from config import TrainConfig, UserError, cli
-from data.loader import make_batches, open_dataset
+from data.loader import dataset_dir, make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
 from evaluate import estimate_val_loss, evaluate_reasoning, final_evaluation, summarize
 from kernels import linear_cross_entropy
-from model import GPT, GPTConfig, config_from_dict
+from model import GPT, GPTConfig
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "gelu", "block_size", "bias")
+# what a resumed run keeps: the model, its QAT/LoRA/PTQ additions, the data and the optimizer
+FIXED_ON_RESUME = MODEL_FIELDS + ("dropout", "dataset", "qat", "qat_start", "ptq", "ptq_spec", "lora_rank",
+                                  "lora_alpha", "lora_dropout", "lora_base", "lora_targets", "loftq",
+                                  "loftq_iters", "loftq_split", "lora_merge", "optim", "beta1", "beta2")
 
 
 # ----------------------------------------------------------------------------- what the run starts from
@@ -42,14 +48,20 @@ def starting_point(cfg, explicit):
     """(config, checkpoint dict or None, model from a Hugging Face directory or None, legacy dtype): the resumed
     run's merged config, or what to start from. Everything is loaded and checked before anything is written; a
     checkpoint's model is built later, after seeding (its LoRA or QAT additions draw from the RNG)."""
+    check_out_dir(cfg.out_dir)
     if cfg.resume:
         path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if cfg.init_from:
+            raise UserError(f"--resume continues {path}; --init_from does not apply: drop one of the two")
         ckpt = load_checkpoint(path, for_resume=True)
         saved = ckpt["config"]
         legacy = runtime.saved_before_resolving(saved, explicit)
+        if "dataset" in explicit and same_dataset(cfg.dataset, saved.get("dataset", "")):
+            cfg.dataset = saved["dataset"]  # the same folder, spelled another way
+        refuse_changes(saved, cfg, explicit, FIXED_ON_RESUME, path)
         cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
-                            cfg, explicit, reset=("stop_after",))
-        sync_model_fields(cfg, explicit, checkpoint_config(ckpt, path), path)
+                            cfg, explicit, reset=("stop_after",), source=path)
+        sync_model_fields(cfg, explicit, checked_model_config(ckpt, path), path)
         return cfg, ckpt, None, legacy
     path = cfg.init_from or (os.path.join(cfg.out_dir, "ckpt.pt") if cfg.eval_only else "")
     if not path:
@@ -61,17 +73,14 @@ def starting_point(cfg, explicit):
         ckpt, model = load_checkpoint(path), None
         if "dataset" not in explicit and ckpt.get("dataset"):
             cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
-    sync_model_fields(cfg, explicit, model.config if model else checkpoint_config(ckpt, path), path)
+    sync_model_fields(cfg, explicit, model.config if model else checked_model_config(ckpt, path), path)
     if not (cfg.eval_only or cfg.plan):
         refuse_existing(cfg.out_dir, cfg.overwrite)
     return cfg, ckpt, model, False
 
 
-def checkpoint_config(ckpt, path):
-    try:
-        return config_from_dict(ckpt["model_config"])
-    except TypeError as e:
-        raise UserError(f"{path}: its model config is not valid ({e})")
+def same_dataset(a, b):
+    return os.path.realpath(dataset_dir(a)) == os.path.realpath(dataset_dir(b))
 
 
 def sync_model_fields(cfg, explicit, mc, source):
@@ -135,8 +144,6 @@ def make_optimizer(model, cfg):
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optim == "adamw8bit":  # moments in 8 bits: 2 bytes of state per parameter instead of 8
-        if cfg.fsdp:
-            raise UserError("--optim adamw8bit does not shard its state under --fsdp yet; use DDP (drop --fsdp)")
         from optim import AdamW8bit
         return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     # the fused kernel (CPU and CUDA) saves a pass over memory per parameter tensor
@@ -184,8 +191,6 @@ def prepare_training(cfg, env, data, model, ckpt):
                         broadcast_buffers=False)
     if cfg.compile:
         run.model = torch.compile(run.model)
-    if env.master and not cfg.plan:
-        run.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.step if cfg.resume else None)
     return run, estimate
 
 
@@ -339,6 +344,8 @@ def post_training_quantization(model, data, cfg, env):
         quant.apply_ptq_(model, cfg.ptq, cfg.ptq_spec, calib)
     except ValueError as e:
         raise UserError(f"--ptq {cfg.ptq} --ptq_spec {cfg.ptq_spec}: {str(e).splitlines()[0]}")
+    if cfg.overwrite:
+        clear_run(cfg.out_dir)
     print(f"{cfg.ptq} {cfg.ptq_spec}: quantized in {time.perf_counter() - t0:.1f}s; fake-quant model:")
     val = data.tokens("val")
     final_evaluation(model, data, val, cfg, env, os.path.join(cfg.out_dir, "eval.json"))
@@ -362,6 +369,8 @@ def evaluate_converted(model, data, val_tokens, cfg, env, path):
 
 def run(cfg, explicit):
     cfg, ckpt, model, legacy_dtype = starting_point(cfg, explicit)
+    if cfg.resume and nothing_left(cfg, ckpt):
+        return None
     env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, legacy_auto=legacy_dtype)
     cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
     if cfg.fsdp and env.world == 1:
@@ -370,19 +379,42 @@ def run(cfg, explicit):
     data = open_dataset(cfg.dataset) if env.master else None  # (the master builds the default corpus)
     runtime.barrier()
     data = data or open_dataset(cfg.dataset, build_default=False)
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
     if model is None:
-        path = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-        model = model_from_checkpoint(ckpt, path, cfg.dropout) if ckpt else new_model(cfg, data)
+        model = model_from_checkpoint(ckpt, source, cfg.dropout) if ckpt else new_model(cfg, data)
     model = adapt_model(model, cfg, data, env)
     make_batches(data.tokens("val"), data.meta, cfg.block_size, cfg.batch_size, 0, name="val.bin")  # big enough?
-    if cfg.ptq:
-        return post_training_quantization(model, data, cfg, env)
     if cfg.eval_only:
         if not env.master:
             return None
-        return final_evaluation(model, data, data.tokens("val"), cfg, env, os.path.join(cfg.out_dir, "eval.json"))
+        return final_evaluation(model, data, data.tokens("val"), cfg, env, eval_only_path(cfg.out_dir, source))
+    writes = run_lock(cfg.out_dir) if env.master and not cfg.plan else contextlib.nullcontext()
+    with writes:
+        if cfg.ptq:
+            return post_training_quantization(model, data, cfg, env)
+        return train_and_finish(cfg, env, data, model, ckpt)
+
+
+def nothing_left(cfg, ckpt):
+    """True (with a note) for a resume whose run has already reached its last step and been evaluated."""
+    last, step = cfg.stop_after or cfg.max_iters, ckpt["step"]
+    done = step > last or step == last and (step != cfg.max_iters or os.path.exists(
+        os.path.join(cfg.out_dir, "eval.json")))
+    if done:
+        print(f"{cfg.out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
+              f"(--max_iters N, beyond {step}, trains further)")
+    return done
+
+
+def train_and_finish(cfg, env, data, model, ckpt):
+    """Training from set-up to the final evaluation (the out_dir is this run's: locked, and cleared for
+    --overwrite only now that every input has been checked)."""
     run_state, estimate = prepare_training(cfg, env, data, model, ckpt)
-    if env.master:
+    if env.master and not cfg.plan:
+        if cfg.overwrite and not cfg.resume:
+            clear_run(cfg.out_dir)
+        run_state.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"),
+                                           run_state.step if cfg.resume else None)
         print(f"model {model.get_num_params() / 1e6:.2f}M params | {env.device} {env.dtype} | world {env.world} | "
               f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * env.world:,} tokens/step | data {data.dir}")
     last = cfg.stop_after or cfg.max_iters

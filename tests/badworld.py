@@ -4,6 +4,7 @@ type of its tables.
     data_tiny/          a tiny reasoning dataset (data/prepare.py's format)
     text_tiny/          a tiny plain-text dataset
     run/                a finished training run on data_tiny: ckpt.pt, metrics.jsonl, eval.json
+    empty/              an empty folder
     notes.txt           a plain file (where a folder is expected)
 
 Paths in a case's argv may name `{w}`, the case's own copy of this world (also its working directory).
@@ -60,6 +61,7 @@ def build_world(root):
     with open(os.path.join(root, "story.txt"), "w") as f:
         f.write("Once upon a time there was a small model that learned to add numbers.\n" * 60)
     prepare_text(os.path.join(root, "story.txt"), os.path.join(root, "text_tiny"), verbose=False)
+    os.makedirs(os.path.join(root, "empty"))
     with open(os.path.join(root, "notes.txt"), "w") as f:
         f.write("not a folder\n")
     cwd = os.getcwd()
