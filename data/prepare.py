@@ -430,8 +430,8 @@ def main(argv=None):
         print("\npython data/prepare.py MODE --help lists a mode's flags, with their defaults")
         return
     if mode not in MODES:
-        close = difflib.get_close_matches(mode, list(MODES), n=1)
-        said = f"unknown mode {mode!r}{f' (did you mean {close[0]}?)' if close else ''}" if mode else "no mode given"
+        close = "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(mode, list(MODES), n=1))
+        said = f"unknown mode {mode!r}{close}" if mode else "no mode given"
         print(f"error: {said}: the first word is reasoning, subtraction or text (--help describes them)",
               file=sys.stderr)
         sys.exit(2)
