@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `data` importable
 
 from config import Checked, UserError, arg, cli, usage  # noqa: E402
 from files import _alive, atomic_write, fsync_dir  # noqa: E402
-from data.loader import DataError, read_meta  # noqa: E402
+from data.loader import DEFAULT_DATASET, DataError, dataset_dir, read_meta  # noqa: E402
 from data.tasks import (FORMAT_VERSION, LEVELS, SUB_LEVELS, TaskConfig, make_examples,  # noqa: E402
                         subtraction_task)
 from data.tokenizer import (byte_tokenizer, bpe_tokenizer, gpt2_tokenizer, load_bpe, load_hf_tokenizer,  # noqa: E402
@@ -412,8 +412,11 @@ def run(mode, cfg):
         if mode == "text":
             prepare_text(cfg.input, cfg.out, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction,
                          overwrite=cfg.overwrite)
-        else:
-            prepare_reasoning(cfg.out, cfg.task(), tokenizer=cfg.tokenizer, overwrite=cfg.overwrite)
+        else:  # the default corpus in its place, asked for by hand, stays one that train.py may rebuild
+            default = mode == "reasoning" and cfg.task() == TaskConfig() and cfg.tokenizer == "bytes" and \
+                os.path.realpath(cfg.out) == os.path.realpath(dataset_dir(DEFAULT_DATASET))
+            prepare_reasoning(cfg.out, cfg.task(), tokenizer=cfg.tokenizer, default=default,
+                              overwrite=cfg.overwrite)
     except DataError:
         raise
     except (ValueError, OSError, RuntimeError) as e:

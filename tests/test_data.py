@@ -402,6 +402,16 @@ def test_only_an_older_default_corpus_is_rebuilt(tiny, tmp_path, monkeypatch):
     assert calls == [dict(default=True, overwrite=True)]
 
 
+def test_the_default_corpus_made_by_hand_in_its_place_stays_rebuildable(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_reasoning", lambda out, cfg, **k: calls.append(k["default"]))
+    monkeypatch.setattr(prepare, "dataset_dir", lambda name: str(tmp_path / name))
+    prepare.main(["reasoning", "--out", str(tmp_path / "reasoning")])
+    prepare.main(["reasoning", "--out", str(tmp_path / "reasoning"), "--seed", "1"])
+    prepare.main(["reasoning", "--out", str(tmp_path / "elsewhere")])
+    assert calls == [True, False, False]
+
+
 # ----------------------------------------------------------------------------- text input and flags
 
 @pytest.mark.parametrize("data, words", [
