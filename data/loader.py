@@ -99,7 +99,7 @@ def open_tokens(data_dir, split, meta):
     dtype = np.dtype(meta.get("dtype", "uint16"))
     size, want = os.path.getsize(path), meta.get(f"{split}_tokens")
     if size % dtype.itemsize:
-        raise DataError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens: it was cut short; "
+        raise DataError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens: it is damaged; "
                         f"re-run data/prepare.py for {data_dir}")
     if want is not None and size != want * dtype.itemsize:
         raise DataError(f"{path} holds {size // dtype.itemsize} tokens, meta.json says {want}: "
