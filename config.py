@@ -281,7 +281,9 @@ class RLConfig:
 
 # ----------------------------------------------------------------------------- parsing
 
-def _convert(name, typ, value):
+def _convert(name, typ, value, default=None):
+    if typ is tuple:
+        return _convert_tuple(name, value, type(default[0]) if default else float)  # () holds floats
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -297,6 +299,18 @@ def _convert(name, typ, value):
         if typ is str:
             return value
     raise UserError(f"--{name} expects {typ.__name__}, got {value!r}")
+
+
+def _convert_tuple(name, value, elem):
+    """A tuple of `elem` from "1,2,3" (a flag) or [1, 2, 3] (TOML); "" is the empty tuple."""
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+    try:
+        if isinstance(items, (list, tuple)) and all(isinstance(x, str) or type(x) in (elem, int) for x in items):
+            return tuple(elem(x) for x in items)
+    except ValueError:
+        pass
+    raise UserError(f"--{name} expects comma-separated {elem.__name__}s such as "
+                    f"{'1,2,3' if elem is int else '0.5,0.5'}, got {value!r}")
 
 
 def _split_flags(argv, types):
@@ -345,6 +359,7 @@ def parse_config(cls, argv):
     """(config, names set explicitly) from flags and `--config file.toml` (flags win). Unknown keys are errors
     that name the closest fields."""
     types = {f.name: f.type for f in fields(cls)}
+    defaults = {f.name: f.default for f in fields(cls)}
     given = _split_flags(argv, types)
     values = _read_toml(given.pop("config"), types) if "config" in given else {}
     values.update(given)
@@ -353,7 +368,7 @@ def parse_config(cls, argv):
             close = difflib.get_close_matches(key, list(types), n=3)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; --help lists them"
             raise UserError(f"unknown flag --{key}{hint}")
-    cfg = cls(**{k: _convert(k, types[k], v) for k, v in values.items()})
+    cfg = cls(**{k: _convert(k, types[k], v, defaults[k]) for k, v in values.items()})
     return cfg, set(values)
 
 

@@ -6,6 +6,8 @@ Ideas it rests on:
 - One random stream for the whole job: with W processes each micro-step draws W micro-batches and rank r keeps the
   r-th, so 2 processes see exactly the batches that 1 process with twice the accumulation sees.
 - The loader's state is the generator's state plus a draw counter: resume continues the same sequence of batches.
+- A dataset is checked when opened: meta.json against the schema data/prepare.py writes, each .bin's size against
+  its recorded token count, a sample of ids against the vocabulary; each failure is one line naming the file.
 """
 import json
 import os
@@ -16,10 +18,11 @@ import torch
 
 
 class DataError(ValueError):
-    """A dataset that is missing or too small; the message says what to do."""
+    """A dataset that is missing, damaged or too small; the message says what to do."""
 
 
-def load_meta(data_dir):
+def read_meta(data_dir):
+    """meta.json as it is (any JSON value): for code that decides whether to rebuild a dataset."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"no dataset at {data_dir} (meta.json missing): run `python data/prepare.py` for it first")
@@ -30,14 +33,95 @@ def load_meta(data_dir):
         raise DataError(f"{path} is corrupt: re-run `python data/prepare.py` for {data_dir}")
 
 
+def load_meta(data_dir):
+    """meta.json, checked against the schema data/prepare.py writes (check_meta)."""
+    meta = read_meta(data_dir)
+    check_meta(meta, data_dir)
+    return meta
+
+
+def _count(value, least):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_meta(meta, data_dir):
+    """A DataError naming meta.json and the first entry that is not what data/prepare.py writes. Keys that
+    older versions did not write (train_tokens, prompt_end_id, ...) are checked only where present."""
+    def bad(what):
+        return DataError(f"{os.path.join(data_dir, 'meta.json')} {what}: re-run data/prepare.py for {data_dir}")
+    if not isinstance(meta, dict):
+        raise bad(f"holds a JSON {type(meta).__name__}, not an object")
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict):
+        raise bad("has no tokenizer entry (an object)")
+    vocab = meta.get("vocab_size", tok.get("n_vocab"))
+    if not _count(vocab, 1):
+        raise bad(f"has vocab_size {vocab!r}, not a positive integer")
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in ("uint16", "uint32"):
+        raise bad(f"has dtype {dtype!r}, not uint16 or uint32")
+    if vocab - 1 > np.iinfo(dtype).max:
+        raise bad(f"has dtype {dtype}, too narrow for vocab_size {vocab}")
+    for key in ("train_tokens", "val_tokens"):
+        if key in meta and not _count(meta[key], 0):
+            raise bad(f"has {key} {meta[key]!r}, not a non-negative integer")
+    if "bos_id" not in tok:
+        raise bad("has no tokenizer bos_id (where documents start)")
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if key in tok and not (_count(tok[key], 0) and tok[key] < vocab):
+            raise bad(f"has tokenizer {key} {tok[key]!r}, not an id below vocab_size {vocab}")
+    if meta.get("kind", "text") not in ("reasoning", "text"):
+        raise bad(f"has kind {meta['kind']!r}, not reasoning or text")
+    if meta.get("kind") == "reasoning":
+        _check_task(meta, vocab, bad)
+
+
+def _check_task(meta, vocab, bad):
+    from data.tasks import task_from_meta
+    try:
+        task_from_meta(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"has no valid task ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if "prompt_end_id" in meta:
+        end = meta["prompt_end_id"]
+        if not (_count(end, 0) and end < vocab):
+            raise bad(f"has prompt_end_id {end!r}, not an id below vocab_size {vocab}")
+    elif not (isinstance(meta.get("prompt_end", "\n"), str) and len(meta.get("prompt_end", "\n")) == 1):
+        raise bad(f"has prompt_end {meta['prompt_end']!r}, not one character")
+
+
 def open_tokens(data_dir, split, meta):
+    """A split's tokens, memmapped: its size must match meta.json, and a sample of its ids must be in the
+    vocabulary (a few thousand ids spread over the file: cheap, and catches a file written with another one)."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise DataError(f"{path} is missing: re-run `python data/prepare.py` for {data_dir}")
     dtype = np.dtype(meta.get("dtype", "uint16"))
-    if os.path.getsize(path) == 0 or os.path.getsize(path) % dtype.itemsize:
-        raise DataError(f"{path} is empty or truncated: re-run data/prepare.py")
-    return np.memmap(path, dtype=dtype, mode="r")
+    size, want = os.path.getsize(path), meta.get(f"{split}_tokens")
+    if size % dtype.itemsize:
+        raise DataError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens: it is damaged; "
+                        f"re-run data/prepare.py for {data_dir}")
+    if want is not None and size != want * dtype.itemsize:
+        raise DataError(f"{path} holds {size // dtype.itemsize} tokens, meta.json says {want}: "
+                        f"re-run data/prepare.py for {data_dir}")
+    if size == 0:
+        raise DataError(f"{path} is empty: re-run data/prepare.py for {data_dir}")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    tok = meta.get("tokenizer")
+    vocab = meta.get("vocab_size", tok.get("n_vocab") if isinstance(tok, dict) else None)
+    if vocab is not None:
+        _check_ids(tokens, vocab, path, data_dir)
+    return tokens
+
+
+def _check_ids(tokens, vocab, path, data_dir, pieces=16, width=256):
+    for start in np.unique(np.linspace(0, max(len(tokens) - width, 0), pieces).astype(np.int64)):
+        chunk = np.asarray(tokens[start:start + width])
+        if chunk.max() >= vocab:
+            at = int(start + np.argmax(chunk >= vocab))
+            raise DataError(f"{path} holds token id {int(tokens[at])} at position {at}, outside the vocabulary "
+                            f"of {vocab}: it was written for another tokenizer; re-run data/prepare.py "
+                            f"for {data_dir}")
 
 
 def prompt_mask(tokens, bos_id, prompt_end_id):
@@ -156,5 +240,10 @@ def open_dataset(name, build_default=True):
     except (KeyError, TypeError) as e:
         raise DataError(f"{d}/meta.json has no valid tokenizer entry ({e}): re-run data/prepare.py for it")
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise DataError(str(e))
+        raise DataError(str(e) if d in str(e) else f"{d}: {e}")
+    if meta.get("vocab_size", tok.n_vocab) != tok.n_vocab:
+        raise DataError(f"{d}/meta.json says vocab_size {meta['vocab_size']} but its {tok.name} tokenizer has "
+                        f"{tok.n_vocab} tokens: re-run data/prepare.py for {d}")
+    for split in ("train", "val"):  # sizes and a sample of ids, now rather than mid-run
+        open_tokens(d, split, meta)
     return Dataset(name, d, meta, tok, task_from_meta(meta))

@@ -1,15 +1,22 @@
 """data/tasks.py, data/loader.py, data/prepare.py: the reasoning corpus is checkable, split without overlap,
 deterministic; batches mask prompts and resume exactly; prepare writes what the trainer reads."""
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
-from data.loader import Batches, DataError, load_meta, open_tokens, prompt_mask
+from config import parse_config
+from data import prepare
+from data.loader import Batches, DataError, check_meta, load_meta, open_dataset, open_tokens, prompt_mask
 from data.prepare import prepare_reasoning, prepare_text
 from data.tasks import (LEVELS, STYLES, TaskConfig, answer_text, check_answer, extract_answer, make_examples,
-                        prompt_text, sample_problems, split_of, style_of, held_out_problems)
+                        prompt_text, sample_problems, split_of, style_of, held_out_problems, subtraction_task)
 from data.tokenizer import byte_tokenizer, load_tokenizer
 
 
@@ -237,3 +244,203 @@ def test_prepare_text_rejects_an_empty_file_and_keeps_the_old_dataset(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         prepare_text(str(empty), str(tmp_path / "ds"))
     assert (tmp_path / "ds" / "train.bin").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- checked when opened
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny") / "ds")
+    prepare_reasoning(d, TaskConfig(train_examples=200, val_examples=40, test_per_level=2), verbose=False)
+    return d
+
+
+def copy_of(tiny, tmp_path, **meta_changes):
+    d = str(tmp_path / "copy")
+    shutil.copytree(tiny, d)
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    meta.update(meta_changes)
+    for key in [k for k, v in meta_changes.items() if v is DROP]:
+        del meta[key]
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return d
+
+
+DROP = object()
+
+
+def test_a_dataset_older_versions_wrote_still_opens(tiny, tmp_path):
+    # before counts, prompt_end_id, format_version and settings were recorded
+    d = copy_of(tiny, tmp_path, train_tokens=DROP, val_tokens=DROP, prompt_end_id=DROP, format_version=DROP,
+                settings=DROP, built_as_default=DROP)
+    data = open_dataset(d, build_default=False)
+    assert data.task == TaskConfig(train_examples=200, val_examples=40, test_per_level=2)
+    assert len(data.tokens("train")) == load_meta(tiny)["train_tokens"]
+
+
+def test_a_train_bin_cut_short_is_refused_with_both_counts(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path)
+    n = load_meta(d)["train_tokens"]
+    with open(os.path.join(d, "train.bin"), "r+b") as f:
+        f.truncate(2 * (n - 5))
+    with pytest.raises(DataError, match=f"train.bin holds {n - 5} tokens, meta.json says {n}: re-run"):
+        open_dataset(d, build_default=False)
+
+
+def test_ids_outside_the_vocabulary_are_found_by_the_sample(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path)
+    ids = np.fromfile(os.path.join(d, "val.bin"), dtype=np.uint16)
+    ids[len(ids) // 2] = 259  # linspace hits the middle of the file
+    ids.tofile(os.path.join(d, "val.bin"))
+    with pytest.raises(DataError, match="val.bin holds token id 259 at position"):
+        open_dataset(d, build_default=False)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(dtype="uint32"), None),  # wider than needed is fine (bins must then match it: checked by size)
+    (dict(vocab_size=2 ** 16 + 1), "too narrow"),
+    (dict(kind="reasoning", task=DROP), "no valid task"),
+    (dict(prompt_end_id=-1), "prompt_end_id -1"),
+    (dict(train_tokens="12"), "train_tokens '12'"),
+])
+def test_meta_entries_are_held_to_the_schema(tiny, tmp_path, changes, words):
+    d = copy_of(tiny, tmp_path, **changes)
+    if words is None:
+        check_meta(load_meta(tiny) | {"dtype": "uint32"}, d)
+        return
+    with pytest.raises(DataError, match=words):
+        load_meta(d)
+
+
+# ----------------------------------------------------------------------------- written as a whole
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def files_of(d):
+    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+
+
+def test_a_failure_mid_write_leaves_the_old_dataset_and_no_temporary(tiny, tmp_path, monkeypatch):
+    d = copy_of(tiny, tmp_path)
+    before = files_of(d)
+    real = prepare.atomic_write
+
+    def fail_at_meta(path, *a, **k):
+        if path.endswith("meta.json"):
+            raise OSError("disk full")
+        return real(path, *a, **k)
+    monkeypatch.setattr(prepare, "atomic_write", fail_at_meta)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_reasoning(d, TaskConfig(train_examples=50, val_examples=10), verbose=False, overwrite=True)
+    assert files_of(d) == before
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_a_rebuild_swaps_the_whole_folder_and_clears_dead_temporaries(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path)
+    stale = tmp_path / f".copy.tmp-{dead_pid()}"
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"half")
+    (tmp_path / "copy" / "val.bin").write_bytes(b"\0\0")  # damaged: the same settings rebuild it
+    prepare_reasoning(d, TaskConfig(train_examples=200, val_examples=40, test_per_level=2), verbose=False)
+    assert files_of(d) == files_of(tiny) | {"meta.json": files_of(d)["meta.json"]}
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+    open_dataset(d, build_default=False)
+
+
+def test_a_dataset_set_aside_by_a_killed_swap_is_put_back(tiny, tmp_path):
+    aside = tmp_path / f".copy.old-{dead_pid()}"
+    shutil.copytree(tiny, aside)
+    (tmp_path / f".copy.tmp-{aside.name.split('-')[-1]}").mkdir()  # the new one, perhaps incomplete
+    prepare.recover(str(tmp_path / "copy"))
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+    assert files_of(str(tmp_path / "copy")) == files_of(tiny)
+
+
+def test_other_settings_need_overwrite_and_a_foreign_folder_is_never_replaced(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path)
+    before = files_of(d)
+    other = TaskConfig(levels=(1, 2), level_weights=(0.5, 0.5), train_examples=50, val_examples=10)
+    with pytest.raises(DataError, match=r"other settings \(levels: \[1, 2, 3, 4\] -> \[1, 2\]; level_weights"):
+        prepare_reasoning(d, other, verbose=False)
+    assert files_of(d) == before
+    prepare_reasoning(d, other, verbose=False, overwrite=True)
+    assert load_meta(d)["task"]["levels"] == [1, 2]
+    (tmp_path / "copy" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds files that are not a dataset's \(notes.txt\)"):
+        prepare_reasoning(d, other, verbose=False, overwrite=True)
+    assert (tmp_path / "copy" / "notes.txt").read_text() == "mine"
+
+
+def test_a_legacy_meta_without_settings_compares_by_what_it_recorded(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path, settings=DROP)
+    prepare_reasoning(d, TaskConfig(train_examples=200, val_examples=40, test_per_level=2), verbose=False)
+    with pytest.raises(DataError, match=r"other settings \(train_examples: 200 -> 100"):
+        prepare_reasoning(d, TaskConfig(train_examples=100, val_examples=40, test_per_level=2), verbose=False)
+
+
+def test_a_custom_corpus_in_the_default_place_is_refused_not_regenerated(tmp_path):
+    d = str(tmp_path / "reasoning")
+    prepare.main(["reasoning", "--levels", "1,2", "--level_weights", "0.5,0.5", "--train_examples", "60",
+                  "--val_examples", "10", "--out", d])
+    before = files_of(d)
+    with pytest.raises(DataError, match="other settings than the default corpus"):
+        prepare.ensure_default_corpus(d)
+    assert files_of(d) == before
+
+
+def test_only_an_older_default_corpus_is_rebuilt(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_reasoning", lambda *a, **k: calls.append(k))
+    d = copy_of(tiny, tmp_path, built_as_default=True, format_version=1)
+    prepare.ensure_default_corpus(d)
+    assert calls == [dict(default=True, overwrite=True)]
+
+
+def test_the_default_corpus_made_by_hand_in_its_place_stays_rebuildable(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_reasoning", lambda out, cfg, **k: calls.append(k["default"]))
+    monkeypatch.setattr(prepare, "dataset_dir", lambda name: str(tmp_path / name))
+    prepare.main(["reasoning", "--out", str(tmp_path / "reasoning")])
+    prepare.main(["reasoning", "--out", str(tmp_path / "reasoning"), "--seed", "1"])
+    prepare.main(["reasoning", "--out", str(tmp_path / "elsewhere")])
+    assert calls == [True, False, False]
+
+
+# ----------------------------------------------------------------------------- text input and flags
+
+@pytest.mark.parametrize("data, words", [
+    (b"abc\0def", "NUL byte at byte offset 3"),
+    ("naïve".encode("utf-8")[:3] + b"x", r"not UTF-8 text \(byte 0xc3 at byte offset 2\)"),
+    (b"", "is empty"),
+])
+def test_prepare_text_refuses_what_is_not_utf8_text(tmp_path, data, words):
+    src = tmp_path / "in.txt"
+    src.write_bytes(data)
+    with pytest.raises(DataError, match=words):
+        prepare_text(str(src), str(tmp_path / "ds"), verbose=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_the_flag_classes_default_to_the_task_configs():
+    assert prepare.ReasoningFlags().task() == TaskConfig()
+    assert prepare.SubtractionFlags().task() == subtraction_task()
+    assert [f.name for f in fields(prepare.SubtractionFlags)] == [f.name for f in fields(prepare.ReasoningFlags)]
+
+
+def test_prepare_flags_come_from_toml_and_help_lists_modes_and_fields(tmp_path, capsys):
+    toml = tmp_path / "p.toml"
+    toml.write_text("levels = [1, 2]\nlevel_weights = [1, 3]\ntrain_examples = 40\n")
+    cfg, _ = parse_config(prepare.ReasoningFlags, ["--config", str(toml), "--val_examples", "9"])
+    assert cfg.task() == TaskConfig(levels=(1, 2), level_weights=(1.0, 3.0), train_examples=40, val_examples=9)
+    prepare.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("reasoning", "subtraction", "text"))
+    prepare.main(["text", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"--{f}" in out for f in ("input", "out", "tokenizer", "vocab_size", "val_fraction", "overwrite"))
