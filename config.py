@@ -402,5 +402,5 @@ def cli(cls, entry, argv=None):
         print(f"error: {e.strerror or e}: {e.filename or ''} (files saved before are intact)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: nothing was saved since the last checkpoint", file=sys.stderr)
+        print("interrupted: files saved before are intact; nothing more was saved", file=sys.stderr)
         sys.exit(130)

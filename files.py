@@ -54,14 +54,14 @@ def _remove_stale_temporaries(folder, name):
     prefix = f".{name}."
     for entry in os.listdir(folder):
         pid = entry[len(prefix):-len(".tmp")] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             try:
                 os.remove(os.path.join(folder, entry))
             except OSError:
                 pass
 
 
-def _alive(pid):
+def process_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

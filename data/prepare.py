@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import Checked, UserError, arg, cli, usage  # noqa: E402
-from files import _alive, atomic_write, fsync_dir  # noqa: E402
+from files import process_alive, atomic_write, fsync_dir  # noqa: E402
 from data.loader import DEFAULT_DATASET, DataError, dataset_dir, read_meta  # noqa: E402
 from data.tasks import (FORMAT_VERSION, LEVELS, SUB_LEVELS, TaskConfig, make_examples,  # noqa: E402
                         subtraction_task)
@@ -169,7 +169,7 @@ def recover(out_dir):
     pattern = _siblings(out_dir)[2]
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
         m = pattern.fullmatch(entry)
-        if not m or int(m[2]) == os.getpid() or _alive(int(m[2])):
+        if not m or int(m[2]) == os.getpid() or process_alive(int(m[2])):
             continue
         path = os.path.join(parent, entry)
         if m[1] == "old" and not os.path.lexists(out_dir):

@@ -13,7 +13,9 @@ NEW = TINY + DATA + ["--out_dir", "new"]
 
 def flag(name, value, expect, extra=()):
     """A fresh run with one bad flag."""
-    return Case(f"train-{name}-{value}".replace(" ", "_"), "train", NEW + [f"--{name}", str(value), *extra], expect)
+    with_ = "".join(f"-with{e}" for e in extra if e.startswith("--"))
+    return Case(f"train-{name}-{value}{with_}".replace(" ", "_"), "train", NEW + [f"--{name}", str(value), *extra],
+                expect)
 
 
 def toml(text, expect, name):
