@@ -41,9 +41,11 @@ def atomic_write(path, write, mode="wb"):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename and e.errno:  # say which file could not be written
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     fsync_dir(folder)
     _remove_stale_temporaries(folder, os.path.basename(path))

@@ -6,7 +6,7 @@ import zipfile
 
 import torch
 
-from badworld import DATA, TINY, Case
+from badworld import DATA, TINY, Case, disk_full, raises
 
 NEW = TINY + DATA + ["--out_dir", "new"]
 
@@ -254,3 +254,19 @@ def _hold_lock(folder):
 
 
 _held = []
+
+
+# faults while a run works: Ctrl-C, a full disk (what was saved before stays as it was)
+CASES += [
+    Case("train-ctrl-c-fresh", "train", NEW, r"interrupted: files saved before are intact",
+         patch={"train.train_step": raises(KeyboardInterrupt)}),
+    Case("train-ctrl-c-eval-only", "train", ["--eval_only", "--init_from", "run/ckpt.pt", "--out_dir", "run"],
+         r"interrupted", patch={"train.final_evaluation": raises(KeyboardInterrupt)}),
+    Case("train-ctrl-c-overwrite", "train", TINY + DATA + ["--out_dir", "run", "--overwrite"], r"interrupted",
+         patch={"train.prepare_training": raises(KeyboardInterrupt)}),
+    Case("train-disk-full-fresh", "train", NEW, r"No space left on device: .*new/ckpt.pt",
+         patch={"torch.save": disk_full}),
+    Case("train-disk-full-ptq", "train", ["--init_from", "run/ckpt.pt", "--ptq", "rtn", "--ptq_spec", "w4g32",
+                                          "--out_dir", "q", "--final_problems", "1", "--eval_iters", "1"],
+         r"No space left on device", patch={"torch.save": disk_full}),
+]

@@ -28,7 +28,7 @@ class Case:
     argv: list
     expect: str             # a regular expression the one-line message must match
     setup: object = None    # setup(world_dir): files to make or damage first
-    tags: tuple = field(default=())
+    patch: dict = field(default_factory=dict)  # "module.attr" -> a stand-in during the run (faults: Ctrl-C, disk)
 
 
 def _train():
@@ -71,3 +71,16 @@ def build_world(root):
     finally:
         os.chdir(cwd)
     return root
+
+
+def raises(exc):
+    """A stand-in for any function: it raises exc (e.g. KeyboardInterrupt for a Ctrl-C at that point)."""
+    def stand_in(*args, **kwargs):
+        raise exc
+    return stand_in
+
+
+def disk_full(obj, f, *args, **kwargs):
+    """A stand-in for torch.save(obj, f) that writes part of the file, then finds the disk full."""
+    f.write(b"half a checkpoint")
+    raise OSError(28, "No space left on device")

@@ -1,6 +1,9 @@
 """checkpoint.py and files.py: atomic, durable writes; loading refuses code and names damage as damage."""
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -88,3 +91,37 @@ def test_load_model_names_the_file_when_weights_do_not_fit(tmp_path):
     with pytest.raises(UserError, match="ckpt.pt: its weights do not fit"):
         load_model(str(path))
     assert model is not None
+
+
+KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch
+from checkpoint import save_checkpoint
+
+def slow_save(obj, f, *a, **k):
+    f.write(b"x" * 4096)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+save_checkpoint({path!r}, {{"model": {{}}}})
+"""
+
+
+def test_a_kill_during_the_write_leaves_the_last_checkpoint_whole(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model = tiny_checkpoint(path)
+    before = path.read_bytes()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=root, path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"  # the temporary file is half written
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert path.read_bytes() == before
+    assert any(n.endswith(".tmp") for n in os.listdir(tmp_path))  # what the killed writer left
+    loaded = load_model(str(path))[0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    tiny_checkpoint(path)  # the next write removes the dead writer's temporary
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
