@@ -9,7 +9,6 @@ Ideas it rests on:
 - ours and the baseline run in the same process, on the same inputs, and the table prints their ratio;
 - the device, torch and triton versions are printed (and saved) with the figures.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -21,7 +20,7 @@ import time
 import torch
 
 import runtime
-from config import TrainConfig, UserError
+from config import BENCH_SHAPES, BenchConfig, TrainConfig, UserError, cli
 from files import atomic_write
 
 SECTIONS = {}  # name -> function(args) -> list of row dicts
@@ -134,38 +133,26 @@ def print_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sections", nargs="*", help=f"which sections (default: all): {', '.join(SECTIONS)}")
-    p.add_argument("--json", default=None, help="write the figures to this file")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
-                   help="the precision of ours in the train, qat, lora and memory sections (auto: train.py's)")
-    p.add_argument("--shape", default="gpt2-small", choices=SHAPES,
-                   help="the real model shape (random weights) of the train, lora and memory sections")
-    p.add_argument("--init_from", default="", help="generate: time this checkpoint's model instead of the default")
-    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (for tests)")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        args.dtype = runtime.resolve_dtype(args.device, args.dtype)
-    except UserError as e:
-        p.error(str(e))
-    unknown = [s for s in args.sections if s not in SECTIONS]
+    return cli(BenchConfig, run, argv)
+
+
+def run(args, explicit=()):
+    """Every section asked for (default: all), measured and printed; the rows, also to --json."""
+    names = [s for s in args.sections.split(",") if s.strip()] or list(SECTIONS)
+    unknown = [s for s in names if s not in SECTIONS]
     if unknown:
-        p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json {args.json}: its folder does not exist; create it or give another path")
+        raise UserError(f"--sections: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    args.device = runtime.pick_device(args.device) if args.device != "auto" else \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = runtime.resolve_dtype(args.device, args.dtype)
     env = dict(environment(), dtype=args.dtype)
     args.model = None
     if args.init_from:  # loaded (and checked) once, before any section runs
         from checkpoint import load_model
-        try:
-            args.model = load_model(args.init_from)[0]
-        except UserError as e:
-            p.error(f"--init_from: {e}")
+        args.model = load_model(args.init_from)[0]
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
     rows = []
-    for name in args.sections or list(SECTIONS):
+    for name in names:
         new = SECTIONS[name](args)
         print_table(new)
         print()
@@ -204,7 +191,7 @@ def real_shape(name, block_size):
     return GPTConfig(block_size=block_size, **shapes[name])
 
 
-SHAPES = ("gpt2-small", "smollm2-135m", "qwen2.5-0.5b")
+SHAPES = BENCH_SHAPES  # (config.py holds the names: --shape is checked with the other flags)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -135,32 +135,32 @@ def _not_blank(text):
 @dataclass
 class TrainConfig(Checked):
     # i/o
-    out_dir: str = arg("out", check=_not_blank)
+    out_dir: str = arg("out", check=_not_blank)  # the run's folder: ckpt.pt, metrics.jsonl, eval.json
     dataset: str = arg("reasoning", check=_not_blank)  # a folder under data/ (or a path) made by data/prepare.py
     init_from: str = ""             # "": from scratch; a checkpoint file; or a local Hugging Face directory
     resume: bool = False            # continue out_dir/ckpt.pt exactly
     overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
     eval_only: bool = False         # evaluate init_from (or out_dir/ckpt.pt) and exit
     # model
-    n_layer: int = arg(4, min=1)
-    n_head: int = arg(4, min=1)
-    n_embd: int = arg(128, min=1)   # a multiple of n_head
+    n_layer: int = arg(4, min=1)    # transformer blocks
+    n_head: int = arg(4, min=1)     # attention heads
+    n_embd: int = arg(128, min=1)   # width of the residual stream, a multiple of n_head
     rope_heads: int = arg(2, min=0)  # heads that also use rotary positions (see model.py), at most n_head
     gelu: str = arg("exact", choices=("exact", "tanh"))  # tanh: GPT-2's approximation (a checkpoint's own wins)
-    block_size: int = arg(224, min=2)
-    dropout: float = arg(0.0, min=0, below=1)
+    block_size: int = arg(224, min=2)  # context length in tokens
+    dropout: float = arg(0.0, min=0, below=1)  # on attention, MLP and embedding outputs (0: off)
     bias: bool = False              # biases in Linear and LayerNorm (GPT-2 has them; off: a step 7% cheaper)
     # optimisation
     batch_size: int = arg(36, min=1)  # rows per micro-batch per process
     grad_accum: int = arg(1, min=1)  # micro-batches per step per process
     max_iters: int = arg(700, min=1)  # length of the LR schedule
     stop_after: int = arg(0, min=0)  # stop at this step (0: at max_iters); --resume continues the same schedule
-    lr: float = arg(3e-3, above=0)
+    lr: float = arg(3e-3, above=0)  # peak learning rate, after warm-up
     min_lr: float = arg(3e-4, min=0)  # the cosine schedule's floor, at most lr
-    warmup_iters: int = arg(70, min=0)
+    warmup_iters: int = arg(70, min=0)  # steps of linear warm-up
     weight_decay: float = arg(0.1, min=0)  # on matrices only
-    beta1: float = arg(0.9, min=0, below=1)
-    beta2: float = arg(0.99, min=0, below=1)
+    beta1: float = arg(0.9, min=0, below=1)  # Adam's first-moment decay
+    beta2: float = arg(0.99, min=0, below=1)  # Adam's second-moment decay
     grad_clip: float = arg(1.0, min=0)  # clip the gradient's global norm to this (0: off)
     optim: str = arg("adamw", choices=("adamw", "adamw8bit"))  # adamw8bit: optim.AdamW8bit's 8-bit moments
     # memory (memory.py)
@@ -171,9 +171,9 @@ class TrainConfig(Checked):
     plan: bool = False              # print the memory estimate, measure a few steps against it, write nothing
     memory_budget: str = arg("", check=_with(_memory_size))  # e.g. 8GB: the largest micro-batch that fits
     # evaluation and logging
-    log_interval: int = arg(50, min=1)
+    log_interval: int = arg(50, min=1)  # a progress line every N steps
     eval_interval: int = arg(0, min=0)  # val loss + accuracy every N steps, with a checkpoint (0: only the final)
-    eval_iters: int = arg(20, min=1)
+    eval_iters: int = arg(20, min=1)  # batches averaged for the val loss
     eval_problems: int = arg(100, min=1)  # test problems per level in periodic evaluations (untagged)
     final_problems: int = arg(200, min=1)  # per level and style in the final evaluation
     samples: int = arg(4, min=0)    # answers printed at the end
@@ -186,18 +186,18 @@ class TrainConfig(Checked):
     # LoRA / QLoRA fine-tuning of --init_from's model (lora.py)
     lora_rank: int = arg(0, min=0)  # > 0: freeze the model and train rank-R adapters on --lora_targets
     lora_alpha: float = arg(16.0, above=0)  # the adapters' output is scaled by alpha / rank
-    lora_dropout: float = arg(0.0, min=0, below=1)
+    lora_dropout: float = arg(0.0, min=0, below=1)  # on the adapters' input
     lora_base: str = arg("float", check=_with(_lora_base))  # float, int4g64, nf4g64, nf4g64-dq, int3g64, ...
-    lora_targets: str = arg("c_attn,c_proj,c_fc", check=_not_blank)
+    lora_targets: str = arg("c_attn,c_proj,c_fc", check=_not_blank)  # linear layers that get adapters
     loftq: bool = False             # LoftQ: initialise the 4-bit base and the adapters together (else B = 0)
-    loftq_iters: int = arg(5, min=1)
+    loftq_iters: int = arg(5, min=1)  # LoftQ's alternating steps
     loftq_split: str = arg("lora", choices=("lora", "sqrt"))  # lora: A at LoRA's init, B the rest; sqrt: both
     lora_merge: bool = False        # merge --init_from's adapters into float weights (then --ptq to requantize)
     # system
     device: str = arg("auto", check=_device)  # auto: cuda > mps > cpu
     dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA and bf16 CPUs
-    compile: bool = False
-    seed: int = arg(1337, min=0, max=2 ** 32 - 1)
+    compile: bool = False           # torch.compile the model
+    seed: int = arg(1337, min=0, max=2 ** 32 - 1)  # data order, initialisation, sampling
     threads: int = arg(0, min=0)    # torch CPU threads (0: torch's default)
 
     def relations(self):
@@ -279,6 +279,26 @@ class RLConfig:
     threads: int = 0                # torch CPU threads (0: torch's default)
 
 
+BENCH_SHAPES = ("gpt2-small", "smollm2-135m", "qwen2.5-0.5b")
+
+
+@dataclass
+class BenchConfig(Checked):
+    POSITIONAL = "sections"         # python bench.py train generate ...
+    sections: str = ""              # which sections, comma-separated or as bare words ("": all that apply here)
+    json: str = ""                  # also write the figures to this file (its folder must exist)
+    device: str = arg("auto", check=_device)  # auto: cuda if present, else cpu
+    dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # ours in train, qat, lora, memory
+    shape: str = arg("gpt2-small", choices=BENCH_SHAPES)  # the real model shape of train, lora and memory
+    init_from: str = ""             # generate: time this checkpoint's model instead of the default
+    quick: bool = False             # smaller shapes and fewer repeats (for tests)
+
+    def relations(self):
+        folder = os.path.dirname(os.path.abspath(self.json)) if self.json else ""
+        return _problems((folder and not os.path.isdir(folder),
+                          f"--json {self.json}: its folder does not exist; create it or give another path"))
+
+
 # ----------------------------------------------------------------------------- parsing
 
 def _convert(name, typ, value, default=None):
@@ -313,11 +333,16 @@ def _convert_tuple(name, value, elem):
                     f"{'1,2,3' if elem is int else '0.5,0.5'}, got {value!r}")
 
 
-def _split_flags(argv, types):
-    """{name: text} from `--key value`, `--key=value` and bare `--flag` (bools)."""
-    given, i = {}, 0
+def _split_flags(argv, types, positional=None):
+    """{name: text} from `--key value`, `--key=value` and bare `--flag` (bools); bare words, where the config
+    takes them (its POSITIONAL field), are joined with commas into that field."""
+    given, i, words = {}, 0, []
     while i < len(argv):
         arg = argv[i]
+        if not arg.startswith("--") and positional:
+            words.append(arg)
+            i += 1
+            continue
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: flags look like --name value or --name=value")
         key, eq, val = arg[2:].partition("=")
@@ -331,6 +356,8 @@ def _split_flags(argv, types):
                 raise UserError(f"--{key} needs a value")
         given[key] = val
         i += 1
+    if words:
+        given[positional] = ",".join(words)
     return given
 
 
@@ -360,7 +387,7 @@ def parse_config(cls, argv):
     that name the closest fields."""
     types = {f.name: f.type for f in fields(cls)}
     defaults = {f.name: f.default for f in fields(cls)}
-    given = _split_flags(argv, types)
+    given = _split_flags(argv, types, getattr(cls, "POSITIONAL", None))
     values = _read_toml(given.pop("config"), types) if "config" in given else {}
     values.update(given)
     for key in values:
@@ -379,10 +406,21 @@ def usage(cls, program):
         name, _, rest = line.strip().partition(":")
         if "#" in rest and name.isidentifier():
             comments[name] = rest.split("#", 1)[1].strip()
-    lines = [f"usage: python {program} [--config FILE.toml] [--name value ...]", ""]
+    words = f" [{cls.POSITIONAL} ...]" if getattr(cls, "POSITIONAL", None) else ""
+    lines = [f"usage: python {program}{words} [--config FILE.toml] [--name value ...]", ""]
     for f in fields(cls):
-        lines.append(f"  --{f.name:<18} {f.type.__name__:<5} default {f.default!r:<14} {comments.get(f.name, '')}")
+        text = f"{comments.get(f.name, '')}{_rule_text(f.metadata)}".strip()
+        lines.append(f"  --{f.name:<18} {f.type.__name__:<5} default {f.default!r:<14} {text}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _rule_text(rule):
+    """A field's rule as --help shows it: [>= 1], [one of a|b], ..."""
+    signs = dict(min=">=", max="<=", above=">", below="<")
+    parts = [f"{signs[k]} {rule[k]:g}" for k in signs if k in rule]
+    if "choices" in rule:
+        parts.append("one of " + "|".join(map(str, rule["choices"])))
+    return f" [{', '.join(parts)}]" if parts else ""
 
 
 def cli(cls, entry, argv=None):
@@ -394,7 +432,7 @@ def cli(cls, entry, argv=None):
         return
     try:
         cfg, explicit = parse_config(cls, argv)
-        entry(cfg, explicit)
+        return entry(cfg, explicit)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,12 +13,13 @@ import shutil
 
 import pytest
 
+import badcases_bench
 import badcases_data
 import badcases_rl
 import badcases_train
 from badworld import ENTRIES, build_world
 
-CASES = badcases_train.CASES + badcases_rl.CASES + badcases_data.CASES
+CASES = badcases_train.CASES + badcases_rl.CASES + badcases_data.CASES + badcases_bench.CASES
 
 
 def file_hashes(root):

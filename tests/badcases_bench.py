@@ -1,0 +1,28 @@
+"""Bad-input cases for bench.py: its flags, sections, output file and --init_from (tests/test_bad_input.py)."""
+from badworld import Case
+
+
+def bench(name, argv, expect, setup=None):
+    return Case(f"bench-{name}", "bench", list(argv) + ["--quick"], expect, setup)
+
+
+CASES = [
+    bench("unknown-section", ["nope"], r"unknown section\(s\) nope"),
+    bench("unknown-section-among", ["train", "trian"], r"unknown section\(s\) trian; choose from"),
+    bench("unknown-section-flag", ["--sections", "x,y"], r"unknown section\(s\) x, y"),
+    bench("unknown-flag", ["--shapes", "gpt2-small"], r"unknown flag --shapes; did you mean --shape"),
+    bench("shape", ["--shape", "llama-7b"], r"--shape must be one of gpt2-small"),
+    bench("dtype", ["--dtype", "float16"], r"--dtype must be one of auto, float32, bfloat16"),
+    bench("device", ["--device", "tpu"], r"--device 'tpu'"),
+    bench("device-cuda", ["--device", "cuda"], r"--device cuda: no CUDA device"),
+    bench("json-missing-folder", ["train", "--json", "no/where/b.json"], r"--json no/where/b.json: its folder"),
+    bench("json-is-folder", ["train", "--json", "run"], r"Is a directory|run"),
+    bench("init-from-missing", ["generate", "--init_from", "none.pt"], r"no checkpoint at none.pt"),
+    bench("init-from-text", ["generate", "--init_from", "notes.txt"], r"notes.txt is corrupt"),
+    Case("bench-quick-value", "bench", ["train", "--quick", "sometimes"], r"--quick expects bool"),
+    bench("config-missing", ["--config", "b.toml"], r"config file b.toml not found"),
+    bench("config-bad-key", ["--config", "b.toml"], r"unknown flag --shapes",
+          lambda w: open(f"{w}/b.toml", "w").write('shapes = "x"\n')),
+    bench("config-bad-value", ["--config", "b.toml"], r"--dtype must be one of",
+          lambda w: open(f"{w}/b.toml", "w").write('dtype = "half"\n')),
+]
