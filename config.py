@@ -231,52 +231,62 @@ LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Checked):
     # i/o
-    init_from: str = "out/ckpt.pt"  # the checkpoint to improve (train.py's default output)
-    out_dir: str = "out_rl"
+    init_from: str = arg("out/ckpt.pt", check=_not_blank)  # the checkpoint to improve (train.py's output)
+    out_dir: str = arg("out_rl", check=_not_blank)  # the run's folder: ckpt.pt, metrics.jsonl, summary.json
     resume: bool = False            # continue out_dir/ckpt.pt exactly
     overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
     eval_only: bool = False         # the per-level table of init_from, and exit
-    sweep: str = ""                 # comma-separated strengths: runs the no-length baseline and each one
+    sweep: str = arg("", check=_numbers(float, 0, unique=True))  # strengths: the no-length baseline and each
     # rollouts
-    steps: int = 40
-    stop_after: int = 0             # stop (and save) at this step; --resume continues the same run
-    prompts_per_step: int = 16
-    group_size: int = 8             # samples per prompt
-    temperature: float = 1.0
-    top_k: int = 0                  # 0: off
-    max_new_tokens: int = 0         # 0: whatever the model's block_size leaves after the longest prompt
-    truncated: str = "zero"         # zero: a truncated sample gets reward 0 | mask: it is left out of the loss
-    levels: str = ""                # levels the training prompts come from, e.g. "1,2,3" ("": all, evenly)
+    steps: int = arg(40, min=1)     # RL steps (one batch of rollouts each)
+    stop_after: int = arg(0, min=0)  # stop (and save) at this step; --resume continues the same run
+    prompts_per_step: int = arg(16, min=1)
+    group_size: int = arg(8, min=2)  # samples per prompt (advantages compare samples within a group)
+    temperature: float = arg(1.0, above=0)  # rollouts are sampled
+    top_k: int = arg(0, min=0)      # 0: off
+    max_new_tokens: int = arg(0, min=0)  # 0: whatever the model's block_size leaves after the longest prompt
+    truncated: str = arg("zero", choices=("zero", "mask"))  # zero: reward 0 | mask: left out of the loss
+    levels: str = arg("", check=_numbers(int, 1, unique=True))  # training prompts' levels, e.g. 1,2,3 ("": all)
     # loss
-    advantage: str = "zscore"       # zscore (GRPO) | mean (Dr. GRPO: no division by the group's std)
-    norm: str = "token"             # seq (GRPO) | token (DAPO) | const (Dr. GRPO: by max_new_tokens)
-    epochs: int = 1                 # updates per batch of rollouts; >1 uses the clipped ratio
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0            # k3 KL to the starting model (0: off, and no reference copy is kept)
-    lr: float = 3e-5                # small: Adam moves every weight by ~lr a step, and the working must survive
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 64           # rows per forward/backward pass (memory, not maths)
+    advantage: str = arg("zscore", choices=("zscore", "mean"))  # zscore (GRPO) | mean (Dr. GRPO: no std)
+    norm: str = arg("token", choices=("seq", "token", "const"))  # seq (GRPO) | token (DAPO) | const (Dr. GRPO)
+    epochs: int = arg(1, min=1)     # updates per batch of rollouts; >1 uses the clipped ratio
+    clip_low: float = arg(0.2, min=0, below=1)
+    clip_high: float = arg(0.28, min=0)
+    kl_coef: float = arg(0.0, min=0)  # k3 KL to the starting model (0: off, and no reference copy is kept)
+    lr: float = arg(3e-5, above=0)  # small: Adam moves every weight by ~lr a step, and the working must survive
+    weight_decay: float = arg(0.0, min=0)
+    grad_clip: float = arg(1.0, min=0)  # 0: off
+    micro_batch: int = arg(64, min=1)  # rows per forward/backward pass (memory, not maths)
     # length objective
-    length_reward: str = "kimi"     # one of LENGTH_REWARDS
-    alpha: float = 0.5              # strength of the length term (its units depend on length_reward)
-    solve_threshold: float = 0.5    # apply the length term only in groups solving at least this share
-    penalty_warmup: int = 0         # steps over which the length term ramps up from 0
-    l1_targets: str = "16,32,64,128,192"  # l1: target lengths drawn for the prompts
-    l1_eval_target: int = 32        # l1: the budget written in evaluation prompts
-    gfpo_keep: int = 4              # gfpo: samples per group trained on
-    gfpo_metric: str = "length"     # gfpo: keep the shortest (length) or the best reward per token (efficiency)
+    length_reward: str = arg("kimi", choices=LENGTH_REWARDS)  # the length term
+    alpha: float = arg(0.5, min=0)  # strength of the length term (its units depend on length_reward)
+    solve_threshold: float = arg(0.5, min=0, max=1)  # the length term only in groups solving this share
+    penalty_warmup: int = arg(0, min=0)  # steps over which the length term ramps up from 0
+    l1_targets: str = arg("16,32,64,128,192", check=_numbers(int, 1))  # l1: target lengths for the prompts
+    l1_eval_target: int = arg(32, min=1)  # l1: the budget written in evaluation prompts
+    gfpo_keep: int = arg(4, min=1)  # gfpo: samples per group trained on
+    gfpo_metric: str = arg("length", choices=("length", "efficiency"))  # gfpo: keep the shortest or best per token
     # evaluation
-    eval_interval: int = 0          # greedy eval on test problems every N steps (0: at the start and end only)
-    eval_problems: int = 200        # per level
+    eval_interval: int = arg(0, min=0)  # greedy eval on test problems every N steps (0: at the start and end)
+    eval_problems: int = arg(200, min=1)  # per level
     # system
-    device: str = "auto"            # auto: cuda > mps > cpu
-    dtype: str = "auto"             # auto | float32 | bfloat16 (the same policy as train.py)
-    seed: int = 1337
-    threads: int = 0                # torch CPU threads (0: torch's default)
+    device: str = arg("auto", check=_device)  # auto: cuda > mps > cpu
+    dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # the same policy as train.py
+    seed: int = arg(1337, min=0, max=2 ** 32 - 1)
+    threads: int = arg(0, min=0)    # torch CPU threads (0: torch's default)
+
+    def relations(self):
+        return _problems(
+            (self.stop_after > self.steps, f"--stop_after {self.stop_after} is beyond --steps {self.steps}"),
+            (self.length_reward == "gfpo" and self.gfpo_keep > self.group_size, f"--gfpo_keep {self.gfpo_keep} exceeds --group_size "
+                                               f"{self.group_size}"),
+            (self.resume and self.eval_only, "--resume and --eval_only do not combine: drop one"),
+            (self.sweep and (self.resume or self.eval_only), "--sweep starts its own runs: drop --resume and "
+                                                             "--eval_only"),
+        )
 
 
 BENCH_SHAPES = ("gpt2-small", "smollm2-135m", "qwen2.5-0.5b")

@@ -229,9 +229,9 @@ def test_resume_is_exact(tiny_ckpt, tmp_path, parity_reward):
 
 def test_bad_input_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
     for args, needle in [(["--lenght_reward", "kimi"], "--length_reward"),
-                         (["--length_reward", "short"], "is not one of"),
+                         (["--length_reward", "short"], "must be one of"),
                          (["--init_from", str(tmp_path / "none.pt")], "no checkpoint"),
-                         (["--group_size", "1"], "at least 2")]:
+                         (["--group_size", "1"], "--group_size must be >= 2")]:
         with pytest.raises(SystemExit) as e:
             rl.main(args + ["--out_dir", str(tmp_path / "x")])
         assert e.value.code == 2
