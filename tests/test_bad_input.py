@@ -76,3 +76,15 @@ def test_bad_input(case, world, tmp_path, monkeypatch, capsys):
     after = file_hashes(here)
     changed = [p for p in before if before[p] != after.get(p)]
     assert not changed, f"changed or removed: {changed}"
+
+
+@pytest.mark.parametrize("entry,argv,field", [("train", [], "--grad_clip"), ("rl", [], "--temperature"),
+                                               ("bench", [], "--shape"), ("prepare", ["reasoning"], "--levels"),
+                                               ("prepare", ["text"], "--val_fraction")])
+def test_every_entry_point_answers_help_with_its_fields(entry, argv, field, capsys):
+    try:
+        ENTRIES[entry]()(argv + ["--help"])
+    except SystemExit as e:
+        assert not e.code
+    out = capsys.readouterr().out
+    assert field in out and "default" in out, out[:500]
