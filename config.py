@@ -95,7 +95,7 @@ class TrainConfig:
     threads: int = 0                # torch CPU threads (0: torch's default)
 
 
-LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")
+LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo", "adaptthink", "laser")
 
 
 @dataclass
@@ -137,6 +137,11 @@ class RLConfig:
     l1_eval_target: int = 32        # l1: the budget written in evaluation prompts
     gfpo_keep: int = 4              # gfpo: samples per group trained on
     gfpo_metric: str = "length"     # gfpo: keep the shortest (length) or the best reward per token (efficiency)
+    # when to think (rewards.py), dynamic sampling, the optimizer (adamw8bit for QLoRA adapters), the sweep's seeds
+    laser_coverage: float = 0.125   # laser: share of a level's samples right within its target (1/group_size)
+    resample_rounds: int = 0        # dynamic sampling: re-roll groups whose rewards are all equal, up to N times
+    optim: str = "adamw"            # adamw | adamw8bit (optim.AdamW8bit: 8-bit moments)
+    sweep_seeds: str = ""           # --sweep: comma-separated seeds, every method once per seed ("": --seed)
     # evaluation
     eval_interval: int = 0          # greedy eval on test problems every N steps (0: at the start and end only)
     eval_problems: int = 200        # per level
