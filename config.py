@@ -124,12 +124,12 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0            # k3 KL to the starting model (0: off, and no reference copy is kept)
-    lr: float = 3e-5                # small: Adam moves every weight by ~lr a step, and the working must survive
+    lr: float = 5e-5                # small: Adam moves every weight by ~lr a step, and the working must survive
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch: int = 64           # rows per forward/backward pass (memory, not maths)
     # length objective
-    length_reward: str = "kimi"     # one of LENGTH_REWARDS
+    length_reward: str = "laser"    # one of LENGTH_REWARDS (laser: LASER-D, a length target per level)
     alpha: float = 0.5              # strength of the length term (its units depend on length_reward)
     solve_threshold: float = 0.5    # apply the length term only in groups solving at least this share
     penalty_warmup: int = 0         # steps over which the length term ramps up from 0
@@ -139,7 +139,7 @@ class RLConfig:
     gfpo_metric: str = "length"     # gfpo: keep the shortest (length) or the best reward per token (efficiency)
     # when to think (rewards.py), dynamic sampling, the optimizer (adamw8bit for QLoRA adapters), the sweep's seeds
     laser_coverage: float = 0.125   # laser: share of a level's samples right within its target (1/group_size)
-    resample_rounds: int = 0        # dynamic sampling: re-roll groups whose rewards are all equal, up to N times
+    resample_rounds: int = 1        # dynamic sampling: re-roll groups whose rewards are all equal, up to N times
     optim: str = "adamw"            # adamw | adamw8bit (optim.AdamW8bit: 8-bit moments)
     sweep_seeds: str = ""           # --sweep: comma-separated seeds, every method once per seed ("": --seed)
     # evaluation

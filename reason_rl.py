@@ -1,11 +1,11 @@
 """reason_rl.py: a small length-aware RL loop (GRPO family) that teaches a reasoning model to reach the same answers
-with fewer generated tokens. It starts from any checkpoint train.py writes (float, QAT, PTQ int4, LoRA/QLoRA),
-trained on any task corpus data/ generates.
+with fewer generated tokens, and when to work a problem out at all. It starts from any checkpoint train.py writes
+(float, QAT, PTQ int4, LoRA/QLoRA), trained on any task corpus data/ generates.
 
-    python reason_rl.py                                   # the default run: out/ckpt.pt -> out_rl/
+    python reason_rl.py                                   # the default run: out/ckpt.pt -> out_rl/ (LASER-D)
     python reason_rl.py --length_reward none              # plain GRPO, the baseline
-    python reason_rl.py --length_reward arora --alpha 0.2 # another length objective (see config.LENGTH_REWARDS)
-    python reason_rl.py --sweep 0.25,0.5,1                # baseline + several strengths -> out_rl/sweep.md
+    python reason_rl.py --length_reward kimi --alpha 0.5  # another objective (see config.LENGTH_REWARDS)
+    python reason_rl.py --sweep none,kimi:0.5,laser:0.5 --sweep_seeds 1337,1,2   # -> sweep.md, sweep.svg
     python reason_rl.py --eval_only --init_from out_rl/ckpt.pt
 
 Ideas it rests on:
@@ -13,17 +13,17 @@ Ideas it rests on:
   prefilled once and sampled group_size times with the KV-cached generator; the task checker gives reward 1 for a
   correct final answer. A sample that hits the token budget without its end token is truncated: it gets reward 0,
   or (--truncated mask) is left out of the loss and of its group's statistics.
-- A length term is added to that reward per group (none, Kimi k1.5, Arora & Zanette, a target length in the prompt
-  in the style of L1, or GFPO filtering), only in groups whose solve rate reaches --solve_threshold, optionally
-  ramped up over --penalty_warmup steps.
-- Advantages are per group: the z-score of the reward (GRPO) or the reward minus the group mean (Dr. GRPO). The
-  loss is the clipped surrogate over the generated tokens only (prompt tokens masked), normalised per sequence
+- The objective (rewards.py) adds a length or style term per group: Kimi k1.5, Arora & Zanette, L1, GFPO, or a
+  when-to-think term: AdaptThink's bonus for the shorter style, LASER-D's step reward under a length target each
+  difficulty level sets from its own right answers. Advantages are per group (GRPO's z-score, Dr. GRPO's mean) or
+  scaled over the batch (DLER). Dynamic sampling re-rolls groups whose rewards are all equal, up to a cap.
+- The loss is the clipped surrogate over the generated tokens only (prompt tokens masked), normalised per sequence
   (GRPO), per token over the batch (DAPO) or by a constant (Dr. GRPO), with an optional k3 KL to the start model.
-- Samples whose advantage is 0 add nothing to the gradient, so they are not run through the backward pass at all
-  (they still count in the normalisation, so the loss is the same as with them).
+  Samples whose advantage is 0 are not run through the backward pass (they still count in the normalisation).
 - Only the parameters the checkpoint trains are updated: adapters over a frozen (4-bit) base for a QLoRA
-  checkpoint, everything float otherwise. Checkpoints hold the model (with its quantized layers and adapters
-  described, so train.py's --lora_merge and --ptq take them), optimizer, step, every RNG and the config.
+  checkpoint (--optim adamw8bit keeps 8-bit moments), everything float otherwise. Checkpoints hold the model (with
+  its quantized layers and adapters described, so train.py's --lora_merge and --ptq take them), optimizer, step,
+  every RNG and the config.
 """
 import copy
 import json
@@ -188,7 +188,8 @@ def sweep_runs(cfg):
     for x in items:
         name, _, a = x.partition(":")
         try:
-            runs.append((cfg.length_reward, float(x)) if _is_number(x) else (name, float(a) if a else cfg.alpha))
+            runs.append((cfg.length_reward, float(x)) if _is_number(x) else
+                        (name, 0.0 if name == "none" else float(a) if a else cfg.alpha))
         except ValueError:
             raise UserError(f"--sweep {x!r}: use strengths (0.25,0.5) or objectives with strengths (kimi:0.5)")
         if runs[-1][0] not in LENGTH_REWARDS:
@@ -343,7 +344,8 @@ def rl_step(policy, st, cfg, env):
 def print_step(m, cfg):
     print(f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {100 * m['accuracy']:.0f}% | "
           f"len ok/wrong {_f(m['len_correct'])}/{_f(m['len_wrong'])} | trunc {100 * m['truncated']:.0f}% | "
-          f"flat {100 * m['zero_variance_groups']:.0f}% | tok/correct {_f(m['tokens_per_correct'])} | " +
+          f"flat {100 * m['zero_variance_groups']:.0f}% (+{m['resampled_groups']} re-rolled) | "
+          f"tok/correct {_f(m['tokens_per_correct'])} | " +
           "/".join(f"{st[0]}{100 * v:.0f}" for st, v in m["styles"].items()) + f" | {m['s']:.1f}s", flush=True)
 
 

@@ -108,7 +108,14 @@ def test_bad_input_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
     for args, needle in [(["--lenght_reward", "kimi"], "--length_reward"),
                          (["--length_reward", "short"], "is not one of"),
                          (["--init_from", str(tmp_path / "none.pt")], "no checkpoint"),
-                         (["--group_size", "1"], "at least 2")]:
+                         (["--group_size", "1"], "at least 2"),
+                         (["--laser_coverage", "0"], "--laser_coverage"),
+                         (["--resample_rounds", "-1"], "--resample_rounds"),
+                         (["--optim", "sgd"], "--optim"),
+                         (["--advantage", "batchwise"], "--advantage"),
+                         (["--sweep_seeds", "1,x"], "--sweep_seeds"),
+                         (["--sweep", "kimi:strong"], "--sweep"),
+                         (["--sweep", "none,fastest"], "--sweep")]:
         with pytest.raises(SystemExit) as e:
             rl.main(args + ["--out_dir", str(tmp_path / "x")])
         assert e.value.code == 2
@@ -127,13 +134,34 @@ def test_sweep_runs_the_baseline_and_each_strength_and_writes_the_table(tiny_ckp
     out = str(tmp_path / "sw")
     argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--sweep", "0.5"]
     results = rl.sweep(*parse_config(rl.RLConfig, argv))
-    assert [(r["length_reward"], r["alpha"]) for r in results] == [("none", 0.0), ("kimi", 0.5)]
+    assert [(r["length_reward"], r["alpha"]) for r in results] == [("none", 0.0), ("laser", 0.5)]
     with open(os.path.join(out, "sweep.md")) as f:
         table = f.read().splitlines()
     assert len(table) == 2 + 1 + 2  # header, rule, the start checkpoint, one row per run
-    assert table[3].startswith("| none | 0 |") and table[4].startswith("| kimi | 0.5 |")
+    assert table[3].startswith("| none | 0 |") and table[4].startswith("| laser | 0.5 |")
     with pytest.raises(UserError, match="already holds a run"):  # a second sweep never replaces the first
         rl.sweep(*parse_config(rl.RLConfig, argv))
+
+
+def test_sweep_compares_methods_over_seeds_with_means_and_a_pareto_plot(tiny_ckpt, tmp_path, parity_reward):
+    out = str(tmp_path / "methods")
+    argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--eval_problems", "1",
+                   "--sweep", "none,kimi:0.25,adaptthink", "--alpha", "0.3", "--sweep_seeds", "7,8"]
+    results = rl.sweep(*parse_config(rl.RLConfig, argv))
+    assert [(r["length_reward"], r["alpha"], r["seed"]) for r in results] == \
+        [("none", 0.0, 7), ("none", 0.0, 8), ("kimi", 0.25, 7), ("kimi", 0.25, 8), ("adaptthink", 0.3, 7),
+         ("adaptthink", 0.3, 8)]
+    table = open(os.path.join(out, "sweep.md")).read().splitlines()
+    assert len(table) == 2 + 1 + 6 + 3  # header, rule, start, a row per run, a mean row per method
+    assert table[-1].startswith("| **adaptthink (mean)** | 0.3 | 2 seeds |")
+    for col in ("acc @32/@64/@128", "len right/wrong", "L1 acc / tokens / style", "vs none"):
+        assert col in table[0]
+    svg = open(os.path.join(out, "sweep.svg")).read()
+    assert svg.count("<circle") == 6 * 5 + 3  # 6 runs in 5 panels (all, 4 levels), a legend marker per method
+    for name in ("none 0", "kimi 0.25", "adaptthink 0.3", "start"):
+        assert f">{name}</text>" in svg
+    with pytest.raises(UserError, match="not one of"):
+        rl.sweep(*parse_config(rl.RLConfig, argv[:-6] + ["--sweep", "kimi,shortest"]))
 
 
 # ----------------------------------------------------------------------------- every kind of checkpoint
