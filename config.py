@@ -122,6 +122,21 @@ def _numbers(typ, min_value, unique=False):
     return check
 
 
+def _sweep(text):
+    """check= for --sweep: strengths (finite, >= 0) or objectives NAME[:STRENGTH], none repeated."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for x in items:
+        name, colon, a = x.partition(":")
+        number = _numbers(float, 0)(x) is None
+        if not number and name not in LENGTH_REWARDS:
+            return f"{x!r} is neither a strength >= 0 nor one of {', '.join(LENGTH_REWARDS)}[:STRENGTH]"
+        if colon and _numbers(float, 0)(a) is not None or colon and not a:
+            return f"{x!r}: the strength after ':' must be a finite number >= 0"
+    if len(set(items)) < len(items):
+        return "a run is repeated (its results would overwrite its twin's)"
+    return None
+
+
 def _device(text):
     if text in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", text):
         return None
@@ -227,7 +242,7 @@ def _problems(*pairs):
     return [why for broken, why in pairs if broken]
 
 
-LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo")
+LENGTH_REWARDS = ("none", "kimi", "arora", "l1", "gfpo", "adaptthink", "laser")
 
 
 @dataclass
@@ -238,7 +253,7 @@ class RLConfig(Checked):
     resume: bool = False            # continue out_dir/ckpt.pt exactly
     overwrite: bool = False         # allow a fresh run to replace an existing out_dir/ckpt.pt
     eval_only: bool = False         # the per-level table of init_from, and exit
-    sweep: str = arg("", check=_numbers(float, 0, unique=True))  # strengths: the no-length baseline and each
+    sweep: str = arg("", check=_sweep)  # strengths (0.25,0.5: baseline + each) or objectives (none,kimi:0.5,laser)
     # rollouts
     steps: int = arg(40, min=1)     # RL steps (one batch of rollouts each)
     stop_after: int = arg(0, min=0)  # stop (and save) at this step; --resume continues the same run
@@ -250,18 +265,18 @@ class RLConfig(Checked):
     truncated: str = arg("zero", choices=("zero", "mask"))  # zero: reward 0 | mask: left out of the loss
     levels: str = arg("", check=_numbers(int, 1, unique=True))  # training prompts' levels, e.g. 1,2,3 ("": all)
     # loss
-    advantage: str = arg("zscore", choices=("zscore", "mean"))  # zscore (GRPO) | mean (Dr. GRPO: no std)
+    advantage: str = arg("zscore", choices=("zscore", "mean", "batch"))  # zscore (GRPO) | mean (Dr. GRPO) | batch
     norm: str = arg("token", choices=("seq", "token", "const"))  # seq (GRPO) | token (DAPO) | const (Dr. GRPO)
     epochs: int = arg(1, min=1)     # updates per batch of rollouts; >1 uses the clipped ratio
     clip_low: float = arg(0.2, min=0, below=1)
     clip_high: float = arg(0.28, min=0)
     kl_coef: float = arg(0.0, min=0)  # k3 KL to the starting model (0: off, and no reference copy is kept)
-    lr: float = arg(3e-5, above=0)  # small: Adam moves every weight by ~lr a step, and the working must survive
+    lr: float = arg(5e-5, above=0)  # small: Adam moves every weight by ~lr a step, and the working must survive
     weight_decay: float = arg(0.0, min=0)
     grad_clip: float = arg(1.0, min=0)  # 0: off
     micro_batch: int = arg(64, min=1)  # rows per forward/backward pass (memory, not maths)
     # length objective
-    length_reward: str = arg("kimi", choices=LENGTH_REWARDS)  # the length term
+    length_reward: str = arg("laser", choices=LENGTH_REWARDS)  # the length term (laser: LASER-D, per level)
     alpha: float = arg(0.5, min=0)  # strength of the length term (its units depend on length_reward)
     solve_threshold: float = arg(0.5, min=0, max=1)  # the length term only in groups solving this share
     penalty_warmup: int = arg(0, min=0)  # steps over which the length term ramps up from 0
@@ -269,6 +284,11 @@ class RLConfig(Checked):
     l1_eval_target: int = arg(32, min=1)  # l1: the budget written in evaluation prompts
     gfpo_keep: int = arg(4, min=1)  # gfpo: samples per group trained on
     gfpo_metric: str = arg("length", choices=("length", "efficiency"))  # gfpo: keep the shortest or best per token
+    # when to think (rewards.py), dynamic sampling, the optimizer (adamw8bit for QLoRA adapters), the sweep's seeds
+    laser_coverage: float = arg(0.125, above=0, max=1)  # laser: share of a level's samples right within target
+    resample_rounds: int = arg(1, min=0)  # dynamic sampling: re-roll groups whose rewards are all equal, N times
+    optim: str = arg("adamw", choices=("adamw", "adamw8bit"))  # adamw8bit: optim.AdamW8bit's 8-bit moments
+    sweep_seeds: str = arg("", check=_numbers(int, 0, unique=True))  # --sweep: seeds, each method once per seed
     # evaluation
     eval_interval: int = arg(0, min=0)  # greedy eval on test problems every N steps (0: at the start and end)
     eval_problems: int = arg(200, min=1)  # per level
@@ -281,8 +301,8 @@ class RLConfig(Checked):
     def relations(self):
         return _problems(
             (self.stop_after > self.steps, f"--stop_after {self.stop_after} is beyond --steps {self.steps}"),
-            (self.length_reward == "gfpo" and self.gfpo_keep > self.group_size, f"--gfpo_keep {self.gfpo_keep} exceeds --group_size "
-                                               f"{self.group_size}"),
+            (self.length_reward == "gfpo" and self.gfpo_keep > self.group_size,
+             f"--gfpo_keep {self.gfpo_keep} exceeds --group_size {self.group_size}"),
             (self.resume and self.eval_only, "--resume and --eval_only do not combine: drop one"),
             (self.sweep and (self.resume or self.eval_only), "--sweep starts its own runs: drop --resume and "
                                                              "--eval_only"),

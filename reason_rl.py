@@ -1,11 +1,11 @@
 """reason_rl.py: a small length-aware RL loop (GRPO family) that teaches a reasoning model to reach the same answers
-with fewer generated tokens. It starts from any checkpoint train.py writes (float, QAT, PTQ int4, LoRA/QLoRA),
-trained on any task corpus data/ generates.
+with fewer generated tokens, and when to work a problem out at all. It starts from any checkpoint train.py writes
+(float, QAT, PTQ int4, LoRA/QLoRA), trained on any task corpus data/ generates.
 
-    python reason_rl.py                                   # the default run: out/ckpt.pt -> out_rl/
+    python reason_rl.py                                   # the default run: out/ckpt.pt -> out_rl/ (LASER-D)
     python reason_rl.py --length_reward none              # plain GRPO, the baseline
-    python reason_rl.py --length_reward arora --alpha 0.2 # another length objective (see config.LENGTH_REWARDS)
-    python reason_rl.py --sweep 0.25,0.5,1                # baseline + several strengths -> out_rl/sweep.md
+    python reason_rl.py --length_reward kimi --alpha 0.5  # another objective (see config.LENGTH_REWARDS)
+    python reason_rl.py --sweep none,kimi:0.5,laser:0.5 --sweep_seeds 1337,1,2   # -> sweep.md, sweep.svg
     python reason_rl.py --eval_only --init_from out_rl/ckpt.pt
 
 Ideas it rests on:
@@ -13,21 +13,20 @@ Ideas it rests on:
   prefilled once and sampled group_size times with the KV-cached generator; the task checker gives reward 1 for a
   correct final answer. A sample that hits the token budget without its end token is truncated: it gets reward 0,
   or (--truncated mask) is left out of the loss and of its group's statistics.
-- A length term is added to that reward per group (none, Kimi k1.5, Arora & Zanette, a target length in the prompt
-  in the style of L1, or GFPO filtering), only in groups whose solve rate reaches --solve_threshold, optionally
-  ramped up over --penalty_warmup steps.
-- Advantages are per group: the z-score of the reward (GRPO) or the reward minus the group mean (Dr. GRPO). The
-  loss is the clipped surrogate over the generated tokens only (prompt tokens masked), normalised per sequence
+- The objective (rewards.py) adds a length or style term per group: Kimi k1.5, Arora & Zanette, L1, GFPO, or a
+  when-to-think term: AdaptThink's bonus for the shorter style, LASER-D's step reward under a length target each
+  difficulty level sets from its own right answers. Advantages are per group (GRPO's z-score, Dr. GRPO's mean) or
+  scaled over the batch (DLER). Dynamic sampling re-rolls groups whose rewards are all equal, up to a cap.
+- The loss is the clipped surrogate over the generated tokens only (prompt tokens masked), normalised per sequence
   (GRPO), per token over the batch (DAPO) or by a constant (Dr. GRPO), with an optional k3 KL to the start model.
-- Samples whose advantage is 0 add nothing to the gradient, so they are not run through the backward pass at all
-  (they still count in the normalisation, so the loss is the same as with them).
+  Samples whose advantage is 0 are not run through the backward pass (they still count in the normalisation).
 - Only the parameters the checkpoint trains are updated: adapters over a frozen (4-bit) base for a QLoRA
-  checkpoint, everything float otherwise. Checkpoints hold the model (with its quantized layers and adapters
-  described, so train.py's --lora_merge and --ptq take them), optimizer, step, every RNG and the config.
+  checkpoint (--optim adamw8bit keeps 8-bit moments), everything float otherwise. Checkpoints hold the model (with
+  its quantized layers and adapters described, so train.py's --lora_merge and --ptq take them), optimizer, step,
+  every RNG and the config.
 """
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -37,109 +36,23 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from checkpoint import load_checkpoint, load_model, model_state, refuse_existing, resume_config, save_checkpoint
+from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
+                        refuse_changes, refuse_existing, resume_config, run_lock, save_checkpoint)
 from config import LENGTH_REWARDS, RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
-from evaluate import decode_answer, format_table, summary_line, untagged_summary
+from evaluate import decode_answer, format_table, pareto_svg, summary_line, untagged_summary
 from files import atomic_write
-
-
-# ----------------------------------------------------------------------------- rewards and advantages
-# Each works on one group: lists of equal length, `correct` booleans, `lengths` in generated tokens, and `keep`
-# (False for samples left out: truncated under --truncated mask). They return per-sample floats.
-
-
-def kimi_length_reward(lengths, correct, keep):
-    """Kimi k1.5: lambda = 0.5 - (len - min) / (max - min) over the group; lambda if correct, min(0, lambda) if
-    wrong (a wrong answer is never rewarded for being short). All lengths equal: 0."""
-    ls = [n for n, k in zip(lengths, keep) if k]
-    lo, hi = (min(ls), max(ls)) if ls else (0, 0)
-    out = []
-    for n, c, k in zip(lengths, correct, keep):
-        lam = 0.0 if hi == lo or not k else 0.5 - (n - lo) / (hi - lo)
-        out.append(lam if c else min(0.0, lam))
-    return out
-
-
-def arora_length_reward(lengths, correct, keep, alpha):
-    """Arora & Zanette: a correct sample's reward 1 becomes 1 - alpha * sigmoid(z), z its length's z-score among the
-    group's correct samples; returned as the change (-alpha * sigmoid(z)); wrong samples 0. Fewer than two correct
-    samples, or equal lengths: z = 0 for all (a flat -alpha/2, which moves no advantage)."""
-    ls = [n for n, c, k in zip(lengths, correct, keep) if c and k]
-    mean = sum(ls) / len(ls) if ls else 0.0
-    std = math.sqrt(sum((n - mean) ** 2 for n in ls) / len(ls)) if ls else 0.0
-    return [-alpha / (1 + math.exp(-((n - mean) / std if std > 0 else 0.0))) if c and k else 0.0
-            for n, c, k in zip(lengths, correct, keep)]
-
-
-def l1_length_reward(lengths, targets, alpha):
-    """L1-style: -alpha * |target - len| for every sample (the prompt says the target)."""
-    return [-alpha * abs(t - n) for n, t in zip(lengths, targets)]
-
-
-def gfpo_keep_mask(lengths, rewards, keep, k, metric="length"):
-    """GFPO: train only on the k retained samples of a group, the shortest (metric "length") or those with the
-    best reward per token ("efficiency"); ties keep the earlier sample."""
-    order = [i for i in range(len(lengths)) if keep[i]]
-    if metric == "length":
-        order.sort(key=lambda i: lengths[i])
-    else:
-        order.sort(key=lambda i: -rewards[i] / max(1, lengths[i]))
-    chosen = set(order[:k])
-    return [i in chosen for i in range(len(lengths))]
-
-
-def group_advantages(rewards, keep, kind="zscore", eps=1e-6):
-    """Per-group advantages over the kept samples: reward - mean (Dr. GRPO, kind "mean") or that divided by the
-    group's std (GRPO, "zscore"). Left-out samples get 0; a group with equal rewards gets 0 everywhere."""
-    rs = [r for r, k in zip(rewards, keep) if k]
-    if len(rs) < 2:
-        return [0.0] * len(rewards)
-    mean = sum(rs) / len(rs)
-    std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1))
-    if std < eps:
-        return [0.0] * len(rewards)
-    scale = std if kind == "zscore" else 1.0
-    return [(r - mean) / scale if k else 0.0 for r, k in zip(rewards, keep)]
-
-
-def token_weights(gen_lengths, keep, norm, max_new_tokens):
-    """The weight of each sample's generated tokens in the loss: 1/(n_seq * len) per sequence (GRPO), 1/(all
-    tokens) per token (DAPO), or 1/(n_seq * max_new_tokens) (Dr. GRPO's constant). Left-out samples weigh 0."""
-    kept = [n for n, k in zip(gen_lengths, keep) if k]
-    if not kept:
-        return [0.0] * len(gen_lengths)
-    if norm == "seq":
-        return [1.0 / (len(kept) * n) if k else 0.0 for n, k in zip(gen_lengths, keep)]
-    if norm == "token":
-        total = sum(kept)
-        return [1.0 / total if k else 0.0 for k in keep]
-    if norm == "const":
-        return [1.0 / (len(kept) * max_new_tokens) if k else 0.0 for k in keep]
-    raise ValueError(f"unknown norm {norm!r}")
-
-
-def policy_loss(logp, old_logp, adv, weight, mask, clip_low, clip_high, ref_logp=None, kl_coef=0.0):
-    """The clipped surrogate (PPO with separate low/high clip, as DAPO) on generated tokens.
-    logp, old_logp, ref_logp, mask: (B, T) per target token; adv, weight: (B,) per sample. Returns a scalar whose
-    normalisation is in `weight` (see token_weights)."""
-    ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    surr = torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
-    per_token = -surr
-    if ref_logp is not None and kl_coef:
-        d = ref_logp - logp
-        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
-    return (per_token * mask * weight[:, None]).sum()
+from optim import AdamW8bit
+from rewards import is_flat, policy_loss, score, token_weights
 
 
 # ----------------------------------------------------------------------------- rollouts
 
 
-def rollout(model, tok, problems, cfg, max_new, generator, ctx, targets=None):
+def rollout(model, tok, problems, cfg, max_new, generator, ctx, targets=None, levels=None):
     """group_size samples per problem. Returns one dict per sample (grouped: rows g*G .. g*G+G-1 are problem g's)
-    with its prompt and generated ids, length, whether it ended, and whether its answer is right."""
+    with its prompt and generated ids, length, whether it ended, whether its answer is right, its style and level."""
     G = cfg.group_size
     budgets = targets if targets is not None else [None] * len(problems)
     prompts = [tok.encode(prompt_text(p, budget=b), bos=True) for p, b in zip(problems, budgets)]
@@ -154,38 +67,8 @@ def rollout(model, tok, problems, cfg, max_new, generator, ctx, targets=None):
         text = decode_answer(tok, ids)
         samples.append(dict(group=g, prompt=prompts[g], ids=ids, length=n, finished=finished,
                             correct=finished and check_answer(text, problems[g]), style=style_of(text),
-                            target=budgets[g]))
+                            target=budgets[g], level=levels[g] if levels else None))
     return samples
-
-
-def score(samples, cfg, scale):
-    """Fill in each sample's reward, advantage and keep flag, group by group; scale in [0, 1] is the warm-up of
-    the length term. Returns the share of groups whose rewards were all equal (they teach nothing)."""
-    G, flat = cfg.group_size, 0
-    for start in range(0, len(samples), G):
-        grp = samples[start:start + G]
-        keep = [s["finished"] or cfg.truncated == "zero" for s in grp]
-        correct = [s["correct"] for s in grp]
-        lengths = [s["length"] for s in grp]
-        rewards = [float(c) for c in correct]
-        solved = sum(c for c, k in zip(correct, keep) if k) / max(1, sum(keep))
-        if cfg.length_reward != "none" and solved >= cfg.solve_threshold and scale > 0:
-            if cfg.length_reward == "kimi":
-                extra = [cfg.alpha * x for x in kimi_length_reward(lengths, correct, keep)]
-            elif cfg.length_reward == "arora":
-                extra = arora_length_reward(lengths, correct, keep, cfg.alpha)
-            elif cfg.length_reward == "l1":
-                extra = l1_length_reward(lengths, [s["target"] for s in grp], cfg.alpha)
-            else:  # gfpo: the reward stays 1[correct]; only the retained samples are trained on
-                extra = [0.0] * len(grp)
-                keep = [k and r for k, r in zip(keep, gfpo_keep_mask(lengths, rewards, keep, cfg.gfpo_keep,
-                                                                     cfg.gfpo_metric))]
-            rewards = [r + scale * e for r, e in zip(rewards, extra)]
-        adv = group_advantages(rewards, keep, cfg.advantage)
-        flat += all(a == 0 for a in adv)
-        for s, r, a, k in zip(grp, rewards, adv, keep):
-            s.update(reward=r, adv=a, keep=k)
-    return flat / (len(samples) // G)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -249,36 +132,54 @@ def step_metrics(samples, flat):
                 len_correct=mean([s["length"] for s in right]), len_wrong=mean([s["length"] for s in wrong]),
                 truncated=sum(not s["finished"] for s in samples) / n, zero_variance_groups=flat,
                 tokens_per_correct=sum(s["length"] for s in samples) / len(right) if right else None,
-                styles={st: sum(s["style"] == st for s in samples) / n for st in STYLES})
+                styles={st: sum(s["style"] == st for s in samples) / n for st in STYLES},
+                styles_by_level=styles_by_level(samples))
+
+
+def styles_by_level(samples):
+    """{level: {style: share of that level's samples}}: which levels the policy still works out at length."""
+    out = {}
+    for lv in sorted({s["level"] for s in samples if s.get("level") is not None}):
+        mine = [s for s in samples if s["level"] == lv]
+        out[lv] = {st: sum(s["style"] == st for s in mine) / len(mine) for st in STYLES}
+    return out
 
 
 # ----------------------------------------------------------------------------- checks and the policy
 
-CHOICES = dict(truncated=("zero", "mask"), advantage=("zscore", "mean"), norm=("seq", "token", "const"),
-               length_reward=LENGTH_REWARDS, gfpo_metric=("length", "efficiency"))
-POSITIVE = ("steps", "prompts_per_step", "group_size", "epochs", "micro_batch", "eval_problems", "gfpo_keep")
+# what a resumed run keeps: where it started, its objective, its batches and its optimizer
+FIXED_ON_RESUME = ("init_from", "levels", "prompts_per_step", "group_size", "temperature", "top_k",
+                   "max_new_tokens", "truncated", "advantage", "norm", "epochs", "kl_coef", "optim",
+                   "length_reward", "alpha", "solve_threshold", "penalty_warmup", "l1_targets", "gfpo_keep",
+                   "gfpo_metric", "laser_coverage", "resample_rounds")
 
 
-def check_config(cfg):
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise UserError(f"--{k} {getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
-    bad = [k for k in POSITIVE if getattr(cfg, k) < 1]
-    if bad:
-        raise UserError(f"--{bad[0]} must be at least 1, not {getattr(cfg, bad[0])}")
-    if cfg.group_size < 2:
-        raise UserError("--group_size must be at least 2: advantages compare samples within a group")
-    if cfg.stop_after and cfg.stop_after > cfg.steps:
-        raise UserError(f"--stop_after {cfg.stop_after} is beyond --steps {cfg.steps}")
-    if cfg.gfpo_keep > cfg.group_size:
-        raise UserError(f"--gfpo_keep {cfg.gfpo_keep} exceeds --group_size {cfg.group_size}")
-    if not cfg.temperature > 0 or math.isinf(cfg.temperature):
-        raise UserError("--temperature must be a positive number: rollouts are sampled")
-    for name in ("levels", "l1_targets", "sweep"):
+def sweep_runs(cfg):
+    """The (objective, strength) pairs --sweep names: numbers are strengths of --length_reward, run after the
+    no-length baseline (--sweep 0.25,0.5); names run as given, each at --alpha or at NAME:STRENGTH
+    (--sweep none,kimi:0.5,laser:0.5)."""
+    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]
+    runs = []
+    for x in items:
+        name, _, a = x.partition(":")
         try:
-            parse_list(getattr(cfg, name), float if name == "sweep" else int)
+            runs.append((cfg.length_reward, float(x)) if _is_number(x) else
+                        (name, 0.0 if name == "none" else float(a) if a else cfg.alpha))
         except ValueError:
-            raise UserError(f"--{name} {getattr(cfg, name)!r} must be comma-separated numbers, e.g. 1,2,3")
+            raise UserError(f"--sweep {x!r}: use strengths (0.25,0.5) or objectives with strengths (kimi:0.5)")
+        if runs[-1][0] not in LENGTH_REWARDS:
+            raise UserError(f"--sweep {x!r}: {name!r} is not one of {', '.join(LENGTH_REWARDS)}")
+    if items and all(_is_number(x) for x in items):
+        runs.insert(0, ("none", 0.0))
+    return runs
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_list(text, typ=int):
@@ -343,7 +244,8 @@ def start_state(policy, cfg, env, resumed):
     runtime.seed_everything(cfg.seed)
     ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.kl_coef else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = AdamW8bit if cfg.optim == "adamw8bit" else torch.optim.AdamW
+    optimizer = opt(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=env.device.split(":")[0] if env.device.startswith("cuda") else "cpu")
     st = RLState(optimizer, ref, random.Random(cfg.seed), gen.manual_seed(cfg.seed), levels, history={})
     if resumed:
@@ -369,27 +271,56 @@ def save_rl(policy, st, cfg, env):
                      "dataset": policy.ckpt.get("dataset", "reasoning"), "rl": rl})
 
 
-def rl_step(policy, st, cfg, env):
-    """Rollouts, rewards, one update; returns the step's metrics."""
-    t0 = time.perf_counter()
-    model, ctx = policy.model, env.autocast()
-    problems = [sample_problems(st.prompt_rng.choice(st.levels), "train", 1, st.prompt_rng)[0]
-                for _ in range(cfg.prompts_per_step)]
+def draw_rollouts(policy, st, cfg, ctx, levels):
+    """One fresh training problem of each level given (untagged; with a target length under l1), group_size
+    samples of each."""
+    problems = [sample_problems(lv, "train", 1, st.prompt_rng)[0] for lv in levels]
     budget = [st.prompt_rng.choice(policy.targets) for _ in problems] if policy.targets else None
-    samples = rollout(model, policy.data.tok, problems, cfg, policy.max_new, st.gen, ctx, budget)
+    return rollout(policy.model, policy.data.tok, problems, cfg, policy.max_new, st.gen, ctx, budget, levels)
+
+
+def resample_flat(policy, st, cfg, ctx, samples, scale):
+    """Dynamic sampling (DAPO, DLER): every group whose rewards are all equal is replaced by the samples of a fresh
+    problem of the same level, and the batch rescored, up to cfg.resample_rounds times. Returns how many groups
+    were re-rolled (each costs group_size extra rollouts)."""
+    G, extra = cfg.group_size, 0
+    for _ in range(cfg.resample_rounds):
+        flat = [g for g in range(len(samples) // G)
+                if is_flat(*zip(*[(s["reward"], s["keep"]) for s in samples[g * G:(g + 1) * G]]))]
+        if not flat:
+            break
+        new = draw_rollouts(policy, st, cfg, ctx, [samples[g * G]["level"] for g in flat])
+        for j, g in enumerate(flat):
+            samples[g * G:(g + 1) * G] = [dict(s, group=g) for s in new[j * G:(j + 1) * G]]
+        extra += len(flat)
+        score(samples, cfg, scale)
+    return extra
+
+
+def rl_step(policy, st, cfg, env):
+    """Rollouts (re-rolling flat groups under dynamic sampling), rewards, one update; returns the step's metrics."""
+    t0 = time.perf_counter()
+    ctx = env.autocast()
+    levels = [st.prompt_rng.choice(st.levels) for _ in range(cfg.prompts_per_step)]
+    samples = draw_rollouts(policy, st, cfg, ctx, levels)
     scale = min(1.0, (st.step + 1) / cfg.penalty_warmup) if cfg.penalty_warmup else 1.0
-    flat = score(samples, cfg, scale)
+    flat_before = score(samples, cfg, scale)
+    extra = resample_flat(policy, st, cfg, ctx, samples, scale)
+    flat = score(samples, cfg, scale) if extra else flat_before
     t_gen = time.perf_counter() - t0
-    model.train()
-    loss = update(model, st.ref, st.optimizer, samples, cfg, policy.max_new, env.device, ctx)
+    policy.model.train()
+    loss = update(policy.model, st.ref, st.optimizer, samples, cfg, policy.max_new, env.device, ctx)
     st.step += 1
-    return dict(step=st.step, loss=loss, **step_metrics(samples, flat), gen_s=t_gen, s=time.perf_counter() - t0)
+    return dict(step=st.step, loss=loss, **step_metrics(samples, flat), flat_before_resampling=flat_before,
+                resampled_groups=extra, extra_rollouts=extra * cfg.group_size, gen_s=t_gen,
+                s=time.perf_counter() - t0)
 
 
 def print_step(m, cfg):
     print(f"step {m['step']:>4}/{cfg.steps} | reward {m['reward']:.3f} | acc {100 * m['accuracy']:.0f}% | "
           f"len ok/wrong {_f(m['len_correct'])}/{_f(m['len_wrong'])} | trunc {100 * m['truncated']:.0f}% | "
-          f"flat {100 * m['zero_variance_groups']:.0f}% | tok/correct {_f(m['tokens_per_correct'])} | " +
+          f"flat {100 * m['zero_variance_groups']:.0f}% (+{m['resampled_groups']} re-rolled) | "
+          f"tok/correct {_f(m['tokens_per_correct'])} | " +
           "/".join(f"{st[0]}{100 * v:.0f}" for st, v in m["styles"].items()) + f" | {m['s']:.1f}s", flush=True)
 
 
@@ -432,7 +363,8 @@ def finish_rl(policy, st, cfg, env, t_start):
 def rl_config(cfg, explicit):
     """The run's config (a resumed run's saved one with the flags given now on top), and whether it was saved
     with an unresolved --dtype auto (before runs recorded the precision auto resolved to: fp32 on every CPU)."""
-    check_config(cfg)
+    check_out_dir(cfg.out_dir)
+    sweep_runs(cfg)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.resume:
         if not cfg.eval_only:
@@ -441,15 +373,29 @@ def rl_config(cfg, explicit):
     saved = load_checkpoint(path)
     if "rl" not in saved:
         raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
+    refuse_changes(saved["config"], cfg, explicit, FIXED_ON_RESUME, path)
     legacy = runtime.saved_before_resolving(saved["config"], explicit)
     cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
-                        reset=("stop_after",))
-    check_config(cfg)
+                        reset=("stop_after",), source=path)
     return cfg, legacy
+
+
+def nothing_left(cfg):
+    """True (with a note) for a resume of a run that has already finished its steps and its summary."""
+    ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    last = cfg.stop_after or cfg.steps
+    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or os.path.exists(
+        os.path.join(cfg.out_dir, "summary.json")))
+    if done:
+        print(f"{cfg.out_dir}/ckpt.pt is at step {ck['step']} and this run ends at step {last}: nothing to do "
+              f"(--steps N, beyond {ck['step']}, trains further)")
+    return done
 
 
 def run(cfg, explicit, start_eval=None):
     cfg, legacy_dtype = rl_config(cfg, explicit)
+    if cfg.resume and nothing_left(cfg):
+        return None
     env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False,
                         legacy_auto=legacy_dtype)
     cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
@@ -457,8 +403,15 @@ def run(cfg, explicit, start_eval=None):
     if cfg.eval_only:
         e = evaluate(policy, cfg, env)
         print(format_table(e["rows"]) + "\n" + summary_line(e))
-        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(e, f, indent=1), "w")
+        atomic_write(eval_only_path(cfg.out_dir, cfg.init_from), lambda f: json.dump(e, f, indent=1), "w")
         return e
+    with run_lock(cfg.out_dir):
+        if cfg.overwrite and not cfg.resume:
+            clear_run(cfg.out_dir)  # only now: the policy and its data have loaded
+        return train_and_finish(policy, cfg, env, start_eval)
+
+
+def train_and_finish(policy, cfg, env, start_eval=None):
     st = start_state(policy, cfg, env, cfg.resume)
     t_start = time.perf_counter()
     print(f"policy {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} trainable parameters | "
@@ -475,9 +428,13 @@ def run(cfg, explicit, start_eval=None):
     return finish_rl(policy, st, cfg, env, t_start)
 
 
+BRIEF = ("accuracy", "mean_tokens", "tokens_per_correct", "len_correct", "len_wrong", "budget_accuracy")
+
+
 def _brief(e):
-    return dict(accuracy=e["accuracy"], mean_tokens=e["mean_tokens"], tokens_per_correct=e["tokens_per_correct"],
-                by_level={r["level"]: dict(accuracy=r["accuracy"], mean_tokens=r["mean_tokens"], chose=r.get("chose"))
+    """An evaluation's figures, overall and per level (with the style the greedy policy chose)."""
+    return dict({k: e.get(k) for k in BRIEF},
+                by_level={r["level"]: dict({k: r.get(k) for k in BRIEF[:2] + BRIEF[3:]}, chose=r.get("chose"))
                           for r in e["rows"]})
 
 
@@ -497,77 +454,114 @@ def _num(x):
 
 
 def sweep(cfg, explicit):
-    """The no-length baseline and one run per strength, same steps and samples; a table of accuracy against
-    mean tokens (sweep.md, sweep.json) and, when matplotlib is installed, sweep.png."""
-    strengths = parse_list(cfg.sweep, float)
-    runs = [("none", 0.0)] + [(cfg.length_reward, a) for a in strengths]
-    dirs = [os.path.join(cfg.out_dir, "sweep", f"{name}_{a:g}") for name, a in runs]
+    """Objectives (or strengths) compared at the same steps, samples and seeds: every run of --sweep once per seed
+    of --sweep_seeds; a table (sweep.md, sweep.json) and a Pareto plot of accuracy against mean tokens, one point
+    per run, one panel per level and one overall (sweep.svg)."""
+    seeds = parse_list(cfg.sweep_seeds) or [cfg.seed]
+    jobs = [(name, a, seed, os.path.join(cfg.out_dir, "sweep", f"{name}_{a:g}" + (f"_s{seed}" if len(seeds) > 1
+                                                                                   else "")))
+            for name, a in sweep_runs(cfg) for seed in seeds]
+    dirs = [d for *_, d in jobs]
+    twins = sorted({d for d in dirs if dirs.count(d) > 1})
+    if twins:
+        raise UserError(f"--sweep {cfg.sweep}: two runs would both write {twins[0]}; name each run once")
+    check_out_dir(cfg.out_dir)
     taken = [d for d in dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
     if taken and not cfg.overwrite:
         raise UserError(f"{taken[0]} already holds a run: --out_dir DIR for a new sweep, or --overwrite")
     results, start = [], None
-    for (name, a), d in zip(runs, dirs):
-        sub = RLConfig(**{**asdict(cfg), "sweep": "", "length_reward": name, "alpha": a, "out_dir": d,
-                          "overwrite": True})
-        print(f"=== {name} alpha={a:g} -> {d}", flush=True)
+    for name, a, seed, d in jobs:
+        sub = RLConfig(**{**asdict(cfg), "sweep": "", "sweep_seeds": "", "length_reward": name, "alpha": a,
+                          "seed": seed, "out_dir": d, "overwrite": True})
+        print(f"=== {name} alpha={a:g} seed={seed} -> {d}", flush=True)
         s = run(sub, explicit, start_eval=start)
         start = start or _load_start(d)
-        results.append(dict(length_reward=name, alpha=a, **s["end"], seconds=s["seconds"], start=s["start"]))
+        results.append(dict(length_reward=name, alpha=a, seed=seed, **s["end"], seconds=s["seconds"],
+                            start=s["start"]))
     table = sweep_table(results)
     atomic_write(os.path.join(cfg.out_dir, "sweep.md"), lambda f: f.write(table + "\n"), "w")
     atomic_write(os.path.join(cfg.out_dir, "sweep.json"), lambda f: json.dump(results, f, indent=1), "w")
-    print(table)
-    _plot(results, os.path.join(cfg.out_dir, "sweep.png"))
+    pareto_svg(pareto_points(results), os.path.join(cfg.out_dir, "sweep.svg"))
+    print(table + f"\nwrote {os.path.join(cfg.out_dir, 'sweep.svg')}")
     return results
 
 
 def sweep_table(results):
-    """The markdown table of a sweep: the start checkpoint, then one row per run."""
-    base = results[0]
-    lines = ["| objective | alpha | accuracy | mean tokens | tokens/correct | vs no-length tokens/correct | "
-             + " | ".join(f"L{lv} acc/tokens" for lv in base["by_level"]) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(base["by_level"])]
-    first = results[0]["start"]
-    lines.append(f"| start checkpoint | - | {100 * first['accuracy']:.1f}% | {first['mean_tokens']:.1f} | "
-                 f"{_num(first['tokens_per_correct'])} | - | " +
-                 " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in first["by_level"].values())
-                 + " |")
+    """The markdown table of a sweep: the start checkpoint, one row per run, and (several seeds) the mean of each
+    objective over its seeds. Tokens per right answer are compared with the no-length run of the same seed."""
+    levels = list(results[0]["start"]["by_level"])
+    lines = ["| objective | alpha | seed | accuracy | mean tokens | tokens/correct | vs none | len right/wrong | "
+             "acc @32/@64/@128 | " + " | ".join(f"L{lv} acc / tokens / style" for lv in levels) + " | seconds |",
+             "|---" * (10 + len(levels)) + "|"]
+    lines.append(_row("start checkpoint", "-", "-", results[0]["start"], None, "-"))
+    base = {r["seed"]: r["tokens_per_correct"] for r in results if r["length_reward"] == "none"}
     for r in results:
-        rel = _ratio(r["tokens_per_correct"], base["tokens_per_correct"])
-        lines.append(f"| {r['length_reward']} | {r['alpha']:g} | {100 * r['accuracy']:.1f}% | {r['mean_tokens']:.1f}"
-                     f" | {_num(r['tokens_per_correct'])} | {'-' if rel is None else f'{100 * rel:+.0f}%'} | " +
-                     " | ".join(f"{100 * v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" for v in r["by_level"].values())
-                     + " |")
+        lines.append(_row(r["length_reward"], f"{r['alpha']:g}", r["seed"], r, base.get(r["seed"]),
+                          f"{r['seconds']:.0f}"))
+    if len({r["seed"] for r in results}) > 1:
+        for (name, a), rs in _by_method(results).items():
+            lines.append(_row(f"**{name} (mean)**", f"{a:g}", f"{len(rs)} seeds", _mean_brief(rs),
+                              _mean([base.get(r["seed"]) for r in rs]), f"{_mean([r['seconds'] for r in rs]):.0f}"))
     return "\n".join(lines)
+
+
+def _row(name, alpha, seed, r, base_tpc, seconds):
+    rel = _ratio(r["tokens_per_correct"], base_tpc)
+    lens = f"{_num(r.get('len_correct'))} / {_num(r.get('len_wrong'))}"
+    budget = " / ".join(f"{100 * v:.1f}%" for v in (r.get("budget_accuracy") or {}).values()) or "-"
+    per_level = " | ".join(f"{100 * v['accuracy']:.1f}% / {v['mean_tokens']:.1f} / {_style(v.get('chose'))}"
+                           for v in r["by_level"].values())
+    return (f"| {name} | {alpha} | {seed} | {100 * r['accuracy']:.1f}% | {r['mean_tokens']:.1f} | "
+            f"{_num(r['tokens_per_correct'])} | {'-' if rel is None else f'{100 * rel:+.1f}%'} | {lens} | "
+            f"{budget} | {per_level} | {seconds} |")
+
+
+def _style(chose):
+    """The style most answers chose and its share, e.g. "direct 97%"."""
+    if not chose:
+        return "-"
+    st = max(chose, key=chose.get)
+    return f"{st} {100 * chose[st]:.0f}%"
+
+
+def _by_method(results):
+    out = {}
+    for r in results:
+        out.setdefault((r["length_reward"], r["alpha"]), []).append(r)
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _mean_brief(rs):
+    """The mean over seeds of each figure of _brief (overall and per level)."""
+    keys = [k for k in BRIEF if k != "budget_accuracy"]
+    out = {k: _mean([r[k] for r in rs]) for k in keys}
+    out["budget_accuracy"] = {b: _mean([r["budget_accuracy"][b] for r in rs]) for b in rs[0]["budget_accuracy"]}
+    out["by_level"] = {}
+    for lv, v in rs[0]["by_level"].items():
+        chose = {st: _mean([(r["by_level"][lv]["chose"] or {}).get(st) for r in rs]) for st in (v["chose"] or {})}
+        out["by_level"][lv] = dict(accuracy=_mean([r["by_level"][lv]["accuracy"] for r in rs]),
+                                   mean_tokens=_mean([r["by_level"][lv]["mean_tokens"] for r in rs]), chose=chose)
+    return out
+
+
+def pareto_points(results):
+    """The sweep's points for pareto_svg: the start checkpoint, then one per run (objective and strength as the
+    label, one point per seed), each overall and per level."""
+    def xy(r):
+        return {"all": (r["mean_tokens"], 100 * r["accuracy"]),
+                **{f"level {lv}": (v["mean_tokens"], 100 * v["accuracy"]) for lv, v in r["by_level"].items()}}
+    return [dict(label="start", xy=xy(results[0]["start"]))] + \
+        [dict(label=f"{r['length_reward']} {r['alpha']:g}", xy=xy(r)) for r in results]
 
 
 def _load_start(d):
     """The start evaluation a finished run recorded (the same checkpoint starts every run of a sweep)."""
     return load_checkpoint(os.path.join(d, "ckpt.pt"))["rl"]["history"]["start"]
-
-
-def _plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no sweep.png)")
-        return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
-        label = f"{r['length_reward']} {r['alpha']:g}"
-        a.scatter(r["mean_tokens"], 100 * r["accuracy"], label=label)
-        levels = list(r["by_level"])
-        b.plot(levels, [r["by_level"][lv]["mean_tokens"] for lv in levels], marker="o", label=label)
-    s = results[0]["start"]
-    a.scatter(s["mean_tokens"], 100 * s["accuracy"], marker="x", color="k", label="start")
-    a.set(xlabel="mean generated tokens (test)", ylabel="greedy accuracy (%)", title="accuracy vs tokens")
-    b.set(xlabel="level", ylabel="mean tokens", title="length by difficulty")
-    a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
 
 
 def main(argv=None):

@@ -1,5 +1,119 @@
-"""Bad-input cases: rl (see tests/test_bad_input.py)."""
-from badworld import DATA, TINY, Case  # noqa: F401
+"""Bad-input cases for reason_rl.py: flags, TOML, checkpoints, sweeps, resume (tests/test_bad_input.py).
+`{w}` is the case's copy of the world (tests/badworld.py); run/ckpt.pt is a trained tiny model."""
+import os
+
+from badworld import Case, disk_full, raises
+
+RESUME = ["--resume", "--out_dir", "rl", "--threads", "1"]
+
+
+def _hold_lock(folder):
+    from badcases_train import _hold_lock as hold
+    hold(folder)
+
+
+def _bad_rl_config(w):
+    import shutil
+    import torch
+    shutil.copytree(os.path.join(w, "rl"), os.path.join(w, "bad_rl"))
+    path = os.path.join(w, "bad_rl", "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["config"]["temperature"] = -1.0
+    torch.save(ck, path)
+
+BASE = ["--init_from", "run/ckpt.pt", "--out_dir", "new_rl", "--steps", "2", "--prompts_per_step", "2",
+        "--group_size", "2", "--eval_problems", "2", "--threads", "1"]
+
+
+def flag(name, value, expect, *extra):
+    with_ = "".join(f"-with{e}" for e in extra if e.startswith("--"))
+    return Case(f"rl-{name}-{value}{with_}".replace(" ", "_"), "rl", BASE + [f"--{name}", str(value), *extra], expect)
+
 
 CASES = [
+    flag("temperature", "nan", r"--temperature must be a finite"),
+    flag("temperature", 0, r"--temperature must be > 0"),
+    flag("temperature", -1, r"--temperature must be > 0"),
+    flag("top_k", -1, r"--top_k must be >= 0"),
+    flag("steps", 0, r"--steps must be >= 1"),
+    flag("stop_after", 5, r"--stop_after 5 is beyond --steps 2"),
+    flag("prompts_per_step", 0, r"--prompts_per_step must be >= 1"),
+    flag("group_size", 1, r"--group_size must be >= 2"),
+    flag("max_new_tokens", -4, r"--max_new_tokens must be >= 0"),
+    flag("truncated", "drop", r"--truncated must be one of zero, mask"),
+    flag("levels", "1,x", r"--levels '1,x': must be comma-separated ints"),
+    flag("levels", "0", r"--levels '0': every value must be a finite number >= 1"),
+    flag("levels", "2,2", r"--levels '2,2': a value is repeated"),
+    flag("levels", "9", r"--levels 9: the corpus has levels"),
+    flag("advantage", "rank", r"--advantage must be one of zscore, mean, batch"),
+    flag("norm", "batch", r"--norm must be one of seq, token, const"),
+    flag("epochs", 0, r"--epochs must be >= 1"),
+    flag("clip_low", 1.2, r"--clip_low must be < 1"),
+    flag("clip_high", -0.1, r"--clip_high must be >= 0"),
+    flag("kl_coef", -1, r"--kl_coef must be >= 0"),
+    flag("lr", "nan", r"--lr must be a finite"),
+    flag("lr", 0, r"--lr must be > 0"),
+    flag("weight_decay", -1, r"--weight_decay must be >= 0"),
+    flag("grad_clip", -1, r"--grad_clip must be >= 0"),
+    flag("micro_batch", 0, r"--micro_batch must be >= 1"),
+    flag("length_reward", "short", r"--length_reward must be one of"),
+    flag("alpha", -0.5, r"--alpha must be >= 0"),
+    flag("alpha", "inf", r"--alpha must be a finite"),
+    flag("solve_threshold", 1.5, r"--solve_threshold must be <= 1"),
+    flag("penalty_warmup", -1, r"--penalty_warmup must be >= 0"),
+    flag("l1_targets", "16,-4", r"--l1_targets '16,-4': every value"),
+    flag("l1_eval_target", 0, r"--l1_eval_target must be >= 1"),
+    flag("gfpo_keep", 3, r"--gfpo_keep 3 exceeds --group_size 2", "--length_reward", "gfpo"),
+    flag("gfpo_metric", "speed", r"--gfpo_metric must be one of length, efficiency"),
+    flag("eval_interval", -1, r"--eval_interval must be >= 0"),
+    flag("eval_problems", 0, r"--eval_problems must be >= 1"),
+    flag("device", "tpu", r"--device 'tpu'"),
+    flag("dtype", "float16", r"--dtype must be one of"),
+    flag("seed", -2, r"--seed must be >= 0"),
+    flag("threads", -1, r"--threads must be >= 0"),
+    flag("sweep", "-1,0.5", r"--sweep '-1,0.5': '-1' is neither a strength >= 0"),
+    flag("sweep", "0.5,0.5", r"--sweep '0.5,0.5': a run is repeated"),
+    flag("sweep", "a,b", r"--sweep 'a,b': 'a' is neither"),
+    flag("sweep", "kimi:-2", r"--sweep 'kimi:-2': 'kimi:-2': the strength after ':'"),
+    flag("sweep", "kimi:nan", r"--sweep 'kimi:nan'"),
+    flag("sweep", "laser:", r"--sweep 'laser:'"),
+    flag("sweep", "0.5,kimi:0.5", r"two runs would both write", "--length_reward", "kimi"),
+    flag("sweep_seeds", "1,1", r"--sweep_seeds '1,1': a value is repeated", "--sweep", "none,kimi"),
+    flag("sweep_seeds", "-3", r"--sweep_seeds '-3'", "--sweep", "none"),
+    flag("laser_coverage", 0, r"--laser_coverage must be > 0"),
+    flag("laser_coverage", 1.5, r"--laser_coverage must be <= 1"),
+    flag("resample_rounds", -1, r"--resample_rounds must be >= 0"),
+    flag("optim", "sgd", r"--optim must be one of adamw, adamw8bit"),
+    flag("advantage", "batchwise", r"--advantage must be one of zscore, mean, batch"),
+    flag("sweep", "0.5", r"--sweep starts its own runs", "--resume"),
+    Case("rl-unknown-flag", "rl", BASE + ["--lenght_reward", "kimi"], r"unknown flag --lenght_reward; did you mean"),
+    Case("rl-positional", "rl", BASE + ["go"], r"unexpected argument 'go'"),
+    Case("rl-init-missing", "rl", BASE + ["--init_from", "none.pt"], r"no checkpoint at none.pt"),
+    Case("rl-init-text", "rl", BASE + ["--init_from", "notes.txt"], r"notes.txt is corrupt"),
+    Case("rl-init-empty", "rl", BASE + ["--init_from", ""], r"--init_from '': must not be empty"),
+    Case("rl-out-dir-is-file", "rl", BASE + ["--out_dir", "notes.txt"], r"--out_dir notes.txt is a file"),
+    Case("rl-existing-run-folder", "rl", BASE + ["--out_dir", "run"], r"run/ckpt.pt already holds a run"),
+    Case("rl-resume-nothing", "rl", BASE + ["--resume", "--out_dir", "empty"], r"no checkpoint at empty/ckpt.pt"),
+    Case("rl-resume-train-run", "rl", BASE + ["--resume", "--out_dir", "run"], r"not a reason_rl.py checkpoint"),
+    Case("rl-resume-eval-only", "rl", BASE + ["--resume", "--eval_only"], r"--resume and --eval_only"),
+    Case("rl-locked", "rl", RESUME + ["--steps", "4"], r"rl is in use by another run",
+         lambda w: _hold_lock(os.path.join(w, "rl"))),
+    Case("rl-overwrite-bad-init", "rl", BASE + ["--out_dir", "rl", "--overwrite", "--init_from", "notes.txt"],
+         r"notes.txt is corrupt"),
+    Case("rl-ctrl-c", "rl", BASE, r"interrupted", patch={"reason_rl.rl_step": raises(KeyboardInterrupt)}),
+    Case("rl-disk-full", "rl", BASE, r"No space left on device: .*new_rl/ckpt.pt", patch={"torch.save": disk_full}),
+    Case("rl-resume-saved-config-bad", "rl", ["--resume", "--out_dir", "bad_rl"],
+         r"bad_rl/ckpt.pt: its saved config is not valid \(--temperature must be > 0", _bad_rl_config),
+]
+
+# a resumed RL run trains what it trained
+CASES += [Case(f"rl-resume-{k}", "rl", RESUME + [f"--{k}", v], rf"--{k} .*differs from the run being resumed")
+          for k, v in (("init_from", "other.pt"), ("length_reward", "kimi"), ("alpha", "0.9"), ("optim", "adamw8bit"),
+                       ("group_size", "4"), ("levels", "1"), ("kl_coef", "0.1"), ("advantage", "mean"),
+                       ("norm", "seq"), ("resample_rounds", "3"), ("temperature", "0.7"))]
+CASES += [
+    Case("rl-toml-bad-value", "rl", BASE + ["--config", "r.toml"], r"--temperature must be > 0",
+         lambda w: open(os.path.join(w, "r.toml"), "w").write("temperature = -1.0\n")),
+    Case("rl-toml-unknown", "rl", BASE + ["--config", "r.toml"], r"unknown flag --temp",
+         lambda w: open(os.path.join(w, "r.toml"), "w").write("temp = 1.0\n")),
 ]

@@ -4,6 +4,7 @@ type of its tables.
     data_tiny/          a tiny reasoning dataset (data/prepare.py's format)
     text_tiny/          a tiny plain-text dataset
     run/                a finished training run on data_tiny: ckpt.pt, metrics.jsonl, eval.json
+    rl/                 a finished reason_rl.py run from run/ckpt.pt (two steps)
     empty/              an empty folder
     notes.txt           a plain file (where a folder is expected)
 
@@ -68,6 +69,9 @@ def build_world(root):
     try:
         os.chdir(root)
         train.main(TINY + ["--dataset", os.path.join(root, "data_tiny"), "--out_dir", os.path.join(root, "run")])
+        import reason_rl
+        reason_rl.main(["--init_from", "run/ckpt.pt", "--out_dir", "rl", "--steps", "2", "--prompts_per_step", "2",
+                        "--group_size", "2", "--eval_problems", "2", "--threads", "1", "--max_new_tokens", "24"])
     finally:
         os.chdir(cwd)
     return root

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import reason_rl as rl
+import rewards
 from data.prepare import prepare_reasoning
 from data.tasks import TaskConfig
 from model import GPT, GPTConfig
@@ -16,130 +17,7 @@ from config import UserError
 from checkpoint import save_checkpoint
 from config import parse_config
 
-sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-
-
-# ----------------------------------------------------------------------------- length rewards
-
-def test_kimi_length_reward_on_hand_made_groups():
-    T, F = True, False
-    assert rl.kimi_length_reward([10, 20, 30], [T, T, F], [T] * 3) == [0.5, 0.0, -0.5]
-    # a short wrong answer is not rewarded for being short: min(0, lambda)
-    assert rl.kimi_length_reward([10, 30], [F, T], [T, T]) == [0.0, -0.5]
-    assert rl.kimi_length_reward([7, 7, 7], [T, F, T], [T] * 3) == [0.0, 0.0, 0.0]  # ties: no length signal
-    assert rl.kimi_length_reward([10, 40, 20], [F, F, F], [T] * 3) == [0.0, -0.5, 0.0]  # all wrong
-    # a left-out sample neither sets min/max nor gets a length term
-    assert rl.kimi_length_reward([5, 10, 30], [T, T, T], [F, T, T]) == [0.0, 0.5, -0.5]
-
-
-def test_arora_penalty_uses_the_length_z_score_among_correct_samples():
-    T, F = True, False
-    a = 0.4
-    out = rl.arora_length_reward([10, 30, 99], [T, T, F], [T] * 3, a)  # correct: mean 20, std 10 -> z = -1, +1
-    assert out[0] == pytest.approx(-a * sig(-1)) and out[1] == pytest.approx(-a * sig(1)) and out[2] == 0.0
-    assert rl.arora_length_reward([10, 20], [T, F], [T, T], a) == [pytest.approx(-a / 2), 0.0]  # one correct: z=0
-    assert rl.arora_length_reward([12, 12], [T, T], [T, T], a) == [pytest.approx(-a / 2)] * 2  # ties
-    assert rl.arora_length_reward([5, 9], [F, F], [T, T], a) == [0.0, 0.0]
-
-
-def test_l1_reward_is_minus_alpha_times_distance_to_the_target():
-    assert rl.l1_length_reward([10, 50, 32], [32, 32, 32], 0.01) == pytest.approx([-0.22, -0.18, 0.0])
-
-
-def test_gfpo_keeps_the_k_shortest_or_most_efficient():
-    lengths, rewards = [30, 10, 20, 10], [1.0, 0.0, 1.0, 1.0]
-    assert rl.gfpo_keep_mask(lengths, rewards, [True] * 4, 2) == [False, True, False, True]
-    assert rl.gfpo_keep_mask(lengths, rewards, [True] * 4, 2, "efficiency") == [False, False, True, True]
-    assert rl.gfpo_keep_mask(lengths, rewards, [True, False, True, True], 2) == [False, False, True, True]
-
-
-# ----------------------------------------------------------------------------- advantages and scoring
-
-def test_group_advantages_zscore_and_mean_and_degenerate_groups():
-    std = math.sqrt(4 * 0.25 / 3)  # sample std of [1, 0, 0, 1]
-    assert rl.group_advantages([1, 0, 0, 1], [True] * 4) == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std,
-                                                                          0.5 / std])
-    assert rl.group_advantages([1, 0, 0, 1], [True] * 4, "mean") == pytest.approx([0.5, -0.5, -0.5, 0.5])
-    assert rl.group_advantages([1, 1, 1], [True] * 3) == [0.0] * 3  # all correct
-    assert rl.group_advantages([0, 0, 0], [True] * 3) == [0.0] * 3  # all wrong
-    assert rl.group_advantages([1, 0, 5], [True, True, False], "mean") == [0.5, -0.5, 0.0]  # left out: 0, unused
-    assert rl.group_advantages([1, 0], [True, False]) == [0.0, 0.0]  # one kept sample: nothing to compare
-
-
-def sample(length, correct, finished=True, target=None):
-    return dict(length=length, correct=correct, finished=finished, target=target, style=None)
-
-
-def cfg(**kw):
-    return rl.RLConfig(**{"group_size": 4, **kw})
-
-
-def test_truncated_samples_get_zero_reward_or_are_masked():
-    group = [sample(10, True), sample(20, False), sample(40, False, finished=False), sample(12, True)]
-    rl.score(group, cfg(length_reward="none", truncated="zero"), 1.0)
-    assert [s["reward"] for s in group] == [1.0, 0.0, 0.0, 1.0] and all(s["keep"] for s in group)
-    rl.score(group, cfg(length_reward="none", truncated="mask"), 1.0)
-    assert [s["keep"] for s in group] == [True, True, False, True] and group[2]["adv"] == 0.0
-    assert group[1]["adv"] < 0 < group[0]["adv"]
-
-
-def test_length_term_waits_for_the_solve_threshold_and_ramps_with_warmup():
-    def rewards(group, **kw):
-        rl.score(group, cfg(length_reward="kimi", alpha=1.0, **kw), kw.pop("scale", 1.0))
-        return [s["reward"] for s in group]
-    solved = [sample(10, True), sample(30, True), sample(20, False), sample(20, True)]
-    assert rewards(solved, solve_threshold=0.5) == [1.5, 0.5, 0.0, 1.0]
-    assert rewards(solved, solve_threshold=0.8) == [1.0, 1.0, 0.0, 1.0]  # 75% solved: no length term yet
-    rl.score(solved, cfg(length_reward="kimi", alpha=1.0, solve_threshold=0.5), 0.5)  # half-way through warm-up
-    assert [s["reward"] for s in solved] == [1.25, 0.75, 0.0, 1.0]
-
-
-def test_all_equal_groups_are_counted_as_flat():
-    group = [sample(10, True)] * 4 + [sample(10, True), sample(9, False), sample(10, True), sample(10, True)]
-    flat = rl.score([dict(s) for s in group], cfg(length_reward="none"), 1.0)
-    assert flat == 0.5
-
-
 # ----------------------------------------------------------------------------- the loss
-
-def test_token_weights_for_each_normalisation():
-    lengths, keep = [2, 4, 6], [True, True, False]
-    assert rl.token_weights(lengths, keep, "seq", 10) == pytest.approx([1 / 4, 1 / 8, 0.0])
-    assert rl.token_weights(lengths, keep, "token", 10) == pytest.approx([1 / 6, 1 / 6, 0.0])
-    assert rl.token_weights(lengths, keep, "const", 10) == pytest.approx([1 / 20, 1 / 20, 0.0])
-
-
-def test_on_policy_loss_is_the_normalised_advantage_weighted_token_count():
-    # ratio 1 everywhere: loss = -sum_i w_i * A_i * (tokens of i), the normalisations above on a known batch
-    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
-    logp = torch.zeros(2, 4)
-    adv = torch.tensor([1.0, -0.25])
-    # seq: the mean over sequences of each one's mean token term; token: over all 6 tokens; const: over 2 x 8
-    for norm, want in [("seq", -(1.0 - 0.25) / 2), ("token", -(2 * 1.0 - 4 * 0.25) / 6),
-                       ("const", -(2 * 1.0 - 4 * 0.25) / (2 * 8))]:
-        w = torch.tensor(rl.token_weights([2, 4], [True, True], norm, 8))
-        loss = rl.policy_loss(logp, logp, adv, w, mask, 0.2, 0.28)
-        assert loss.item() == pytest.approx(want)
-
-
-def test_clipping_stops_the_gradient_outside_the_trust_region():
-    mask, w = torch.ones(1, 2), torch.ones(1)
-    old = torch.zeros(1, 2)
-    logp = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)  # ratios 1.5 (clipped) and 1.1
-    rl.policy_loss(logp, old, torch.tensor([1.0]), w, mask, 0.2, 0.28).backward()
-    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == pytest.approx(-1.1)
-    logp.grad = None
-    low = torch.tensor([[math.log(0.7), math.log(0.9)]], requires_grad=True)  # negative advantage, below 1 - 0.2
-    rl.policy_loss(low, old, torch.tensor([-1.0]), w, mask, 0.2, 0.28).backward()
-    assert low.grad[0, 0] == 0 and low.grad[0, 1] == pytest.approx(0.9)
-
-
-def test_k3_kl_is_zero_at_the_reference_and_positive_away_from_it():
-    mask, w, adv = torch.ones(1, 3), torch.ones(1), torch.zeros(1)
-    logp = torch.tensor([[-1.0, -2.0, -0.5]])
-    assert rl.policy_loss(logp, logp, adv, w, mask, 0.2, 0.2, logp, 1.0).item() == pytest.approx(0.0)
-    assert rl.policy_loss(logp, logp, adv, w, mask, 0.2, 0.2, logp - 0.3, 1.0).item() > 0
-
 
 def test_prompt_tokens_are_masked_and_get_no_gradient():
     torch.manual_seed(0)
@@ -151,7 +29,7 @@ def test_prompt_tokens_are_masked_and_get_no_gradient():
     full = torch.log_softmax(m(torch.tensor([[1, 2, 3, 4, 5]]), last_only=False)[0], -1)[0]
     torch.testing.assert_close(logp[0, 2:4], torch.stack([full[2, 4], full[3, 5]]))
     emb = m.transformer.wte.weight
-    loss = rl.policy_loss(logp, logp.detach(), torch.tensor([1.0, 1.0]), torch.ones(2), mask, 0.2, 0.2)
+    loss = rewards.policy_loss(logp, logp.detach(), torch.tensor([1.0, 1.0]), torch.ones(2), mask, 0.2, 0.2)
     g_prompt = torch.autograd.grad(loss, logp)[0]
     assert (g_prompt[mask == 0] == 0).all() and (g_prompt[mask == 1] != 0).all()
     assert emb.requires_grad
@@ -231,7 +109,14 @@ def test_bad_input_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
     for args, needle in [(["--lenght_reward", "kimi"], "--length_reward"),
                          (["--length_reward", "short"], "must be one of"),
                          (["--init_from", str(tmp_path / "none.pt")], "no checkpoint"),
-                         (["--group_size", "1"], "--group_size must be >= 2")]:
+                         (["--group_size", "1"], "--group_size must be >= 2"),
+                         (["--laser_coverage", "0"], "--laser_coverage"),
+                         (["--resample_rounds", "-1"], "--resample_rounds"),
+                         (["--optim", "sgd"], "--optim"),
+                         (["--advantage", "batchwise"], "--advantage"),
+                         (["--sweep_seeds", "1,x"], "--sweep_seeds"),
+                         (["--sweep", "kimi:strong"], "--sweep"),
+                         (["--sweep", "none,fastest"], "--sweep")]:
         with pytest.raises(SystemExit) as e:
             rl.main(args + ["--out_dir", str(tmp_path / "x")])
         assert e.value.code == 2
@@ -243,20 +128,41 @@ def test_eval_only_prints_the_per_level_table(tiny_ckpt, tmp_path, capsys):
     rl.main(["--eval_only", "--init_from", tiny_ckpt, "--eval_problems", "2", "--out_dir", str(tmp_path / "e")])
     out = capsys.readouterr().out
     assert "untagged" in out and "tokens/correct" in out
-    assert os.path.exists(tmp_path / "e" / "eval.json")
+    assert len(glob.glob(str(tmp_path / "e" / "eval_only_*.json"))) == 1
 
 
 def test_sweep_runs_the_baseline_and_each_strength_and_writes_the_table(tiny_ckpt, tmp_path, parity_reward):
     out = str(tmp_path / "sw")
     argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--sweep", "0.5"]
     results = rl.sweep(*parse_config(rl.RLConfig, argv))
-    assert [(r["length_reward"], r["alpha"]) for r in results] == [("none", 0.0), ("kimi", 0.5)]
+    assert [(r["length_reward"], r["alpha"]) for r in results] == [("none", 0.0), ("laser", 0.5)]
     with open(os.path.join(out, "sweep.md")) as f:
         table = f.read().splitlines()
     assert len(table) == 2 + 1 + 2  # header, rule, the start checkpoint, one row per run
-    assert table[3].startswith("| none | 0 |") and table[4].startswith("| kimi | 0.5 |")
+    assert table[3].startswith("| none | 0 |") and table[4].startswith("| laser | 0.5 |")
     with pytest.raises(UserError, match="already holds a run"):  # a second sweep never replaces the first
         rl.sweep(*parse_config(rl.RLConfig, argv))
+
+
+def test_sweep_compares_methods_over_seeds_with_means_and_a_pareto_plot(tiny_ckpt, tmp_path, parity_reward):
+    out = str(tmp_path / "methods")
+    argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--eval_problems", "1",
+                   "--sweep", "none,kimi:0.25,adaptthink", "--alpha", "0.3", "--sweep_seeds", "7,8"]
+    results = rl.sweep(*parse_config(rl.RLConfig, argv))
+    assert [(r["length_reward"], r["alpha"], r["seed"]) for r in results] == \
+        [("none", 0.0, 7), ("none", 0.0, 8), ("kimi", 0.25, 7), ("kimi", 0.25, 8), ("adaptthink", 0.3, 7),
+         ("adaptthink", 0.3, 8)]
+    table = open(os.path.join(out, "sweep.md")).read().splitlines()
+    assert len(table) == 2 + 1 + 6 + 3  # header, rule, start, a row per run, a mean row per method
+    assert table[-1].startswith("| **adaptthink (mean)** | 0.3 | 2 seeds |")
+    for col in ("acc @32/@64/@128", "len right/wrong", "L1 acc / tokens / style", "vs none"):
+        assert col in table[0]
+    svg = open(os.path.join(out, "sweep.svg")).read()
+    assert svg.count("<circle") == 6 * 5 + 3  # 6 runs in 5 panels (all, 4 levels), a legend marker per method
+    for name in ("none 0", "kimi 0.25", "adaptthink 0.3", "start"):
+        assert f">{name}</text>" in svg
+    with pytest.raises(UserError, match="neither a strength >= 0 nor one of"):
+        rl.sweep(*parse_config(rl.RLConfig, argv[:-6] + ["--sweep", "kimi,shortest"]))
 
 
 # ----------------------------------------------------------------------------- every kind of checkpoint
@@ -340,3 +246,69 @@ def test_rl_trains_from_quantized_adapter_and_subtraction_checkpoints(every_kind
         assert all("lora_" in k for k in changed), changed
     if kind == "ptq_int4":  # the packed int4 weights are buffers: they never change
         assert not any(k.endswith(("packed", "scales", "zeros")) for k in changed)
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+def test_dynamic_sampling_rerolls_flat_groups_up_to_the_cap_and_logs_them(tiny_ckpt, tmp_path, monkeypatch):
+    """Every first rollout of a step is all right (flat groups); re-rolls are right on even rows only (mixed),
+    except with cap 0. Each flat group is re-rolled once (then it carries signal) and counted."""
+    orig, calls = rl.rollout, []
+
+    def rollout(*a, **k):
+        out = orig(*a, **k)
+        calls.append(len(out))
+        first = len(calls) % 2 == 1  # the batch of a step (calls 1, 3), then the re-roll of its flat groups
+        for i, s in enumerate(out):
+            s["finished"], s["correct"] = True, first or i % 2 == 0
+        return out
+    monkeypatch.setattr(rl, "rollout", rollout)
+    out = str(tmp_path / "ds")
+    rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "2",
+                                              "--length_reward", "none", "--resample_rounds", "3"]))
+    steps = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in steps if "reward" in r]
+    assert calls == [12, 12, 12, 12]  # per step: the batch, then one re-roll of its 3 flat groups
+    for r in steps:
+        assert r["flat_before_resampling"] == 1.0 and r["zero_variance_groups"] == 0.0
+        assert r["resampled_groups"] == 3 and r["extra_rollouts"] == 12 and r["loss"] != 0
+
+
+def test_dynamic_sampling_stops_at_the_cap(tiny_ckpt, tmp_path, monkeypatch):
+    orig, calls = rl.rollout, []
+
+    def rollout(*a, **k):  # always all right: every group stays flat
+        out = orig(*a, **k)
+        calls.append(len(out))
+        for s in out:
+            s["finished"], s["correct"] = True, True
+        return out
+    monkeypatch.setattr(rl, "rollout", rollout)
+    out = str(tmp_path / "cap")
+    rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1",
+                                              "--length_reward", "none", "--resample_rounds", "2"]))
+    rec = next(r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "reward" in r)
+    assert calls == [12, 12, 12] and rec["resampled_groups"] == 6 and rec["extra_rollouts"] == 24
+    assert rec["zero_variance_groups"] == 1.0 and rec["loss"] == 0.0  # nothing to learn from: no update
+
+
+def test_rl_on_a_qlora_checkpoint_with_adamw8bit_then_merge_and_requantize(every_kind, tmp_path, parity_reward):
+    """RL on a 4-bit base trains only the adapters, with 8-bit Adam moments; train.py merges its checkpoint into
+    float weights and requantizes it (--lora_merge --ptq)."""
+    import train
+    from checkpoint import load_checkpoint, load_model
+    out = str(tmp_path / "rl")
+    rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", every_kind["lora_nf4g32"], "--out_dir", out,
+                                              "--steps", "2", "--optim", "adamw8bit"]))
+    ck = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["config"]["optim"] == "adamw8bit" and ck["optimizer"]["state"]
+    before, _ = load_model(every_kind["lora_nf4g32"])
+    after, _ = load_model(os.path.join(out, "ckpt.pt"))
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed and all("lora_" in k for k in changed), changed
+    train.main(["--init_from", os.path.join(out, "ckpt.pt"), "--lora_merge", "--ptq", "rtn", "--ptq_spec", "nf4g32",
+                "--final_problems", "1", "--eval_iters", "1", "--batch_size", "2", "--samples", "0",
+                "--threads", "1", "--out_dir", str(tmp_path / "merged")])
+    merged, _ = load_model(str(tmp_path / "merged" / "ckpt.pt"))
+    assert not any("lora_" in k for k in merged.state_dict())
+    assert any(k.endswith("packed") for k in merged.state_dict())  # requantized to packed 4-bit weights
