@@ -288,3 +288,29 @@ def test_empty_text_file_is_a_one_line_error_and_keeps_the_dataset(tmp_path):
     assert_one_line_error(run_cli(["text", "--input", str(empty), "--out", out], module=("data/prepare.py",)),
                           "empty")
     assert open(os.path.join(out, "train.bin"), "rb").read() == before
+
+
+def test_metrics_log_on_resume_drops_a_torn_line_and_the_final_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 2, "final": true}\n'
+                    '{"step": 3, "loss": 2.')  # killed mid-line
+    log = runtime.MetricsLog(str(path), resume_step=2)
+    log.write({"step": 3, "loss": 2.2})
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.2}]
+
+
+def test_resume_after_the_end_says_nothing_is_left_and_keeps_same_value_flags(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert run_cli(TINY + ["--dataset", corpus, "--max_iters", "2", "--out_dir", out]).returncode == 0
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')  # a torn last line does not stop a resume
+    p = run_cli(["--resume", "--out_dir", out, "--n_layer", "1", "--dataset", corpus])  # same values: allowed
+    assert p.returncode == 0 and "nothing to do" in p.stdout, p.stderr
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    p = run_cli(["--resume", "--out_dir", out, "--max_iters", "3", "--threads", "1"])
+    assert p.returncode == 0, p.stderr
+    steps = [json.loads(line).get("step") for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert max(steps) == 3
