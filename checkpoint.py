@@ -22,6 +22,7 @@ Ideas it rests on:
 """
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import pickletools
@@ -33,7 +34,7 @@ import torch
 
 import lora
 import quant
-from config import RENAMED, UserError
+from config import RENAMED, UserError, field_problem
 from files import atomic_write
 from model import GPT, config_from_dict
 from model import check_config as check_model_config
@@ -136,17 +137,20 @@ def load_model(path, dropout=None):
     return model_from_checkpoint(ck, path, dropout), ck
 
 
-def resume_config(cls, saved, cfg, explicit, reset=(), source="the checkpoint"):
+def resume_config(cls, saved, cfg, explicit, reset=(), source="the checkpoint", legacy=None):
     """The saved run's config with the flags given now (`explicit`) on top; `reset` names fields that return to
-    their defaults (e.g. stop_after). Fields this version no longer knows are dropped; renamed ones follow."""
+    their defaults (e.g. stop_after). Fields this version no longer knows are dropped; renamed ones follow; fields
+    the saved run did not have yet take their `legacy` value (what the run did before they existed)."""
     names = {f.name for f in fields(cls)}
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     defaults = cls()
     merged = {k: v for k, v in saved.items() if k in names}
-    try:
-        cls(**merged)  # the saved run's own settings, held to today's rules before any flag is laid on them
-    except UserError as e:
-        raise UserError(f"{source}: its saved config is not valid ({e}); start a new run from it with --init_from")
+    for f in fields(cls):  # the saved values, each held to today's rule before any flag is laid on them
+        problem = f.name in merged and field_problem(f.name, f.type, merged[f.name], f.metadata)
+        if problem:
+            raise UserError(f"{source}: its saved config is not valid ({problem}); start a new run from it with "
+                            f"--init_from")
+    merged.update({k: v for k, v in (legacy or {}).items() if k not in saved})
     merged.update({k: getattr(defaults, k) for k in reset})
     merged.update({k: getattr(cfg, k) for k in explicit})
     return cls(**merged)
@@ -168,14 +172,31 @@ def refuse_existing(out_dir, overwrite, what="ckpt.pt"):
 
 def refuse_changes(saved, cfg, explicit, fixed, path):
     """A resumed run continues what it was training: an explicit flag among `fixed` that differs from the
-    saved config is refused."""
+    saved config is refused (lists and paths are compared as what they name)."""
     for k in fixed:
-        if k in explicit and k in saved and getattr(cfg, k) != saved[k]:
+        if k in explicit and k in saved and not _same(getattr(cfg, k), saved[k]):
             raise UserError(f"--{k} {getattr(cfg, k)!r} differs from the run being resumed ({saved[k]!r}): --resume "
                             f"continues {path} as it was; start a new run with --init_from {path} to change it")
 
 
+def _same(a, b):
+    if a == b or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    if os.path.exists(a) or os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    items = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    return items(a) == items(b)
+
+
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "eval.json", "eval_converted.json", "converted.pt", "summary.json")
+
+
+def refuse_overwriting_source(out_dir, source):
+    """--overwrite would remove a file the new run starts from: refused before anything is touched."""
+    if source and os.path.isfile(source) and os.path.basename(source) in RUN_FILES and \
+            os.path.realpath(os.path.dirname(source)) == os.path.realpath(out_dir):
+        raise UserError(f"--init_from {source} is in --out_dir {out_dir}, whose run files --overwrite removes: "
+                        f"give another --out_dir (or copy the checkpoint elsewhere first)")
 
 
 def clear_run(out_dir):
@@ -210,6 +231,8 @@ def run_lock(out_dir):
 def eval_only_path(out_dir, source):
     """An evaluation-only run's result file, named after what it evaluated: it never replaces a training run's
     eval.json, nor another checkpoint's results."""
-    rel = os.path.relpath(os.path.abspath(source))
-    name = re.sub(r"[^A-Za-z0-9.-]+", "_", rel if not rel.startswith("..") else os.path.abspath(source))
-    return os.path.join(out_dir, f"eval_only_{name.strip('_.')}.json")
+    real = os.path.realpath(source)
+    tail = "_".join(real.split(os.sep)[-2:])  # e.g. out_qlora_ckpt.pt: readable ...
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", tail).strip("_.")[-60:]
+    digest = hashlib.sha1(real.encode()).hexdigest()[:8]  # ... and unique to the file, wherever it is run from
+    return os.path.join(out_dir, f"eval_only_{name}_{digest}.json")

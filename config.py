@@ -216,15 +216,14 @@ class TrainConfig(Checked):
     threads: int = arg(0, min=0)    # torch CPU threads (0: torch's default)
 
     def relations(self):
-        last = self.stop_after or self.max_iters
         yield from _problems(
             (self.n_embd % self.n_head, f"--n_embd {self.n_embd} must be a multiple of --n_head {self.n_head}"),
             (self.rope_heads > self.n_head, f"--rope_heads {self.rope_heads} exceeds --n_head {self.n_head}"),
-            (self.min_lr > self.lr, f"--min_lr {self.min_lr:g} is above --lr {self.lr:g}: the schedule decays"),
             (self.stop_after > self.max_iters, f"--stop_after {self.stop_after} is beyond --max_iters "
                                                f"{self.max_iters}"),
-            (self.qat and self.qat_start >= last, f"--qat_start {self.qat_start} is at or beyond the last step "
-                                                  f"{last}: fake-quant would never be on; lower it"),
+            (self.qat and self.qat_start >= self.max_iters,
+             f"--qat_start {self.qat_start} is at or beyond the last step {self.max_iters}: fake-quant would "
+             f"never be on; lower it"),
             (self.qat_start and not self.qat, "--qat_start needs --qat SPEC"),
             (self.ptq and not (self.ptq_spec and self.init_from) or self.ptq and self.qat,
              "--ptq rtn|gptq needs --ptq_spec SPEC and --init_from CHECKPOINT, and no --qat"),
@@ -331,6 +330,9 @@ class BenchConfig(Checked):
 
 # ----------------------------------------------------------------------------- parsing
 
+BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
 def _convert(name, typ, value, default=None):
     if typ is tuple:
         return _convert_tuple(name, value, type(default[0]) if default else float)  # () holds floats
@@ -339,7 +341,7 @@ def _convert(name, typ, value, default=None):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
-        if typ is bool and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if typ is bool and value.lower() in BOOL_WORDS:
             return value.lower() in ("1", "true", "yes", "on")
         try:
             if typ in (int, float):
@@ -378,10 +380,11 @@ def _split_flags(argv, types, positional=None):
         key, eq, val = arg[2:].partition("=")
         key = _renamed(key, types)
         if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                val, i = argv[i + 1], i + 1
-            elif types.get(key) is bool:
-                val = "true"
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            if types.get(key) is bool and (nxt is None or (positional and nxt.lower() not in BOOL_WORDS)):
+                val = "true"  # a bare boolean flag (where the config takes words, a word after it is one)
+            elif nxt is not None:
+                val, i = nxt, i + 1
             elif key in types or key == "config":
                 raise UserError(f"--{key} needs a value")
         given[key] = val

@@ -155,9 +155,10 @@ def summary_line(e):
             + " ".join(f"L{r['level']} {100 * r['accuracy']:.0f}%/{r['mean_tokens']:.0f}" for r in e["rows"]))
 
 
-def final_evaluation(model, data, val_tokens, cfg, env, path):
+def final_evaluation(model, data, val_tokens, cfg, env, path, step=None):
     """Validation loss and, on a task corpus, the level x style table and a few sampled answers; written to
-    `path` as JSON. cfg supplies block_size, batch_size, eval_iters, seed, final_problems and samples."""
+    `path` as JSON (with the training step it evaluates, when given). cfg supplies block_size, batch_size,
+    eval_iters, seed, final_problems and samples."""
     model.eval()
     t0 = time.perf_counter()
     ctx = env.autocast()
@@ -171,6 +172,8 @@ def final_evaluation(model, data, val_tokens, cfg, env, path):
         print(format_table(rows))
         print_samples(model, data.tok, data.task, env.device, cfg.samples)
     result["eval_seconds"] = time.perf_counter() - t0
+    if step is not None:
+        result["step"] = step
     print(f"final evaluation took {result['eval_seconds']:.0f}s")
     atomic_write(path, lambda f: json.dump(result, f, indent=1), "w")
     return result

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 import runtime
 from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
-                        refuse_changes, refuse_existing, resume_config, run_lock, save_checkpoint)
+                        refuse_changes, refuse_existing, refuse_overwriting_source, resume_config, run_lock,
+                        save_checkpoint)
 from config import LENGTH_REWARDS, RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
@@ -147,6 +148,8 @@ def styles_by_level(samples):
 
 # ----------------------------------------------------------------------------- checks and the policy
 
+# what runs saved before these fields existed did (a resumed run continues as it was)
+BEFORE_THEY_EXISTED = dict(resample_rounds=0)
 # what a resumed run keeps: where it started, its objective, its batches and its optimizer
 FIXED_ON_RESUME = ("init_from", "levels", "prompts_per_step", "group_size", "temperature", "top_k",
                    "max_new_tokens", "truncated", "advantage", "norm", "epochs", "kl_coef", "optim",
@@ -236,11 +239,16 @@ class RLState:
     log: object = None
 
 
-def start_state(policy, cfg, env, resumed):
-    model, task = policy.model, policy.data.task
+def training_levels(cfg, task):
     levels = parse_list(cfg.levels) or list(task.levels)
     if any(lv not in task.levels for lv in levels):
         raise UserError(f"--levels {cfg.levels}: the corpus has levels {list(task.levels)}")
+    return levels
+
+
+def start_state(policy, cfg, env, resumed):
+    model, task = policy.model, policy.data.task
+    levels = training_levels(cfg, task)
     runtime.seed_everything(cfg.seed)
     ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.kl_coef else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -344,7 +352,7 @@ def finish_rl(policy, st, cfg, env, t_start):
     st.history["end"] = evaluate(policy, cfg, env)
     save_rl(policy, st, cfg, env)
     start, end = st.history["start"], st.history["end"]
-    summary = dict(config=asdict(cfg), start=_brief(start), end=_brief(end), seconds=time.perf_counter() - t_start,
+    summary = dict(config=asdict(cfg), step=st.step, start=_brief(start), end=_brief(end), seconds=time.perf_counter() - t_start,
                    token_change=end["mean_tokens"] / start["mean_tokens"] - 1,
                    accuracy_change=end["accuracy"] - start["accuracy"],
                    tokens_per_correct_change=_ratio(end["tokens_per_correct"], start["tokens_per_correct"]))
@@ -369,6 +377,8 @@ def rl_config(cfg, explicit):
     if not cfg.resume:
         if not cfg.eval_only:
             refuse_existing(cfg.out_dir, cfg.overwrite)
+            if cfg.overwrite:
+                refuse_overwriting_source(cfg.out_dir, cfg.init_from)
         return cfg, False
     saved = load_checkpoint(path)
     if "rl" not in saved:
@@ -376,16 +386,28 @@ def rl_config(cfg, explicit):
     refuse_changes(saved["config"], cfg, explicit, FIXED_ON_RESUME, path)
     legacy = runtime.saved_before_resolving(saved["config"], explicit)
     cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
-                        reset=("stop_after",), source=path)
+                        reset=("stop_after",), source=path, legacy=BEFORE_THEY_EXISTED)
+    for k in ("steps", "stop_after"):
+        if k in explicit and 0 < getattr(cfg, k) < saved["step"]:
+            raise UserError(f"--{k} {getattr(cfg, k)} is below step {saved['step']}, where {path} already is: "
+                            f"give a later step")
     return cfg, legacy
+
+
+def summarized_at(out_dir, step):
+    """True when out_dir/summary.json is the end of the run at `step` (older files without a step count)."""
+    try:
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            return json.load(f).get("step", step) == step
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def nothing_left(cfg):
     """True (with a note) for a resume of a run that has already finished its steps and its summary."""
     ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     last = cfg.stop_after or cfg.steps
-    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or os.path.exists(
-        os.path.join(cfg.out_dir, "summary.json")))
+    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or summarized_at(cfg.out_dir, last))
     if done:
         print(f"{cfg.out_dir}/ckpt.pt is at step {ck['step']} and this run ends at step {last}: nothing to do "
               f"(--steps N, beyond {ck['step']}, trains further)")
@@ -405,6 +427,7 @@ def run(cfg, explicit, start_eval=None):
         print(format_table(e["rows"]) + "\n" + summary_line(e))
         atomic_write(eval_only_path(cfg.out_dir, cfg.init_from), lambda f: json.dump(e, f, indent=1), "w")
         return e
+    training_levels(cfg, policy.data.task)  # (checked before the out_dir is taken)
     with run_lock(cfg.out_dir):
         if cfg.overwrite and not cfg.resume:
             clear_run(cfg.out_dir)  # only now: the policy and its data have loaded

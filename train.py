@@ -14,6 +14,7 @@ Ideas it rests on:
   config), so --resume continues bit for bit, and a crash or a bad flag never destroys a saved run.
 """
 import contextlib
+import json
 import math
 import os
 import time
@@ -25,7 +26,7 @@ import lora
 import memory
 import quant
 import runtime
-from checkpoint import (check_out_dir, checked_model_config, clear_run, eval_only_path, load_checkpoint, load_model,
+from checkpoint import (check_out_dir, checked_model_config, refuse_overwriting_source, clear_run, eval_only_path, load_checkpoint, load_model,
                         model_from_checkpoint, model_state, refuse_changes, refuse_existing, resume_config, run_lock,
                         save_checkpoint)
 from config import TrainConfig, UserError, cli
@@ -61,8 +62,15 @@ def starting_point(cfg, explicit):
         refuse_changes(saved, cfg, explicit, FIXED_ON_RESUME, path)
         cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
                             cfg, explicit, reset=("stop_after",), source=path)
+        for k in ("max_iters", "stop_after"):
+            if k in explicit and 0 < getattr(cfg, k) < ckpt["step"]:
+                raise UserError(f"--{k} {getattr(cfg, k)} is below step {ckpt['step']}, where {path} already is: "
+                                f"give a later step")
+        if {"lr", "min_lr"} & explicit:
+            schedule_floor(cfg, explicit | {"min_lr"})
         sync_model_fields(cfg, explicit, checked_model_config(ckpt, path), path)
         return cfg, ckpt, None, legacy
+    schedule_floor(cfg, explicit)
     path = cfg.init_from or (os.path.join(cfg.out_dir, "ckpt.pt") if cfg.eval_only else "")
     if not path:
         refuse_existing(cfg.out_dir, cfg.overwrite or cfg.plan)
@@ -76,7 +84,21 @@ def starting_point(cfg, explicit):
     sync_model_fields(cfg, explicit, model.config if model else checked_model_config(ckpt, path), path)
     if not (cfg.eval_only or cfg.plan):
         refuse_existing(cfg.out_dir, cfg.overwrite)
+        if cfg.overwrite:
+            refuse_overwriting_source(cfg.out_dir, path)
     return cfg, ckpt, model, False
+
+
+def schedule_floor(cfg, explicit):
+    """min_lr must not be above lr (the schedule decays): an error when given, else lowered with a note (a
+    lower --lr alone, as fine-tuning uses, keeps the default ratio of 10)."""
+    if cfg.min_lr <= cfg.lr:
+        return
+    if "min_lr" in explicit:
+        raise UserError(f"--min_lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule decays from lr to "
+                        f"min_lr; lower --min_lr")
+    cfg.min_lr = cfg.lr / 10
+    print(f"note: --min_lr lowered to {cfg.min_lr:g}, a tenth of --lr {cfg.lr:g}")
 
 
 def same_dataset(a, b):
@@ -322,7 +344,8 @@ def finish(run):
     model = evaluated_model(run)
     if not env.master:
         return
-    result = final_evaluation(model, run.data, run.val_tokens, cfg, env, os.path.join(cfg.out_dir, "eval.json"))
+    result = final_evaluation(model, run.data, run.val_tokens, cfg, env, os.path.join(cfg.out_dir, "eval.json"),
+                              step=run.step)
     record(run, dict(step=run.step, final=True, val_loss=result["val_loss"], summary=result.get("summary")))
     if cfg.qat:
         evaluate_converted(run.raw, run.data, run.val_tokens, cfg, env,
@@ -344,12 +367,11 @@ def post_training_quantization(model, data, cfg, env):
         quant.apply_ptq_(model, cfg.ptq, cfg.ptq_spec, calib)
     except ValueError as e:
         raise UserError(f"--ptq {cfg.ptq} --ptq_spec {cfg.ptq_spec}: {str(e).splitlines()[0]}")
-    if cfg.overwrite:
-        clear_run(cfg.out_dir)
     print(f"{cfg.ptq} {cfg.ptq_spec}: quantized in {time.perf_counter() - t0:.1f}s; fake-quant model:")
     val = data.tokens("val")
-    final_evaluation(model, data, val, cfg, env, os.path.join(cfg.out_dir, "eval.json"))
-    return evaluate_converted(model, data, val, cfg, env, os.path.join(cfg.out_dir, "ckpt.pt"))
+    with own_out_dir(cfg, env):
+        final_evaluation(model, data, val, cfg, env, os.path.join(cfg.out_dir, "eval.json"))
+        return evaluate_converted(model, data, val, cfg, env, os.path.join(cfg.out_dir, "ckpt.pt"))
 
 
 def evaluate_converted(model, data, val_tokens, cfg, env, path):
@@ -388,44 +410,62 @@ def run(cfg, explicit):
         if not env.master:
             return None
         return final_evaluation(model, data, data.tokens("val"), cfg, env, eval_only_path(cfg.out_dir, source))
-    writes = run_lock(cfg.out_dir) if env.master and not cfg.plan else contextlib.nullcontext()
-    with writes:
-        if cfg.ptq:
-            return post_training_quantization(model, data, cfg, env)
-        return train_and_finish(cfg, env, data, model, ckpt)
+    if cfg.ptq:
+        return post_training_quantization(model, data, cfg, env)
+    return train_and_finish(cfg, env, data, model, ckpt)
+
+
+@contextlib.contextmanager
+def own_out_dir(cfg, env):
+    """The out_dir is this run's while it writes there: locked (on the master process), and for --overwrite
+    cleared of the old run's files, which happens only now that every input has been checked."""
+    if not env.master or cfg.plan:
+        yield
+        return
+    with run_lock(cfg.out_dir):
+        if cfg.overwrite and not cfg.resume:
+            clear_run(cfg.out_dir)
+        yield
 
 
 def nothing_left(cfg, ckpt):
     """True (with a note) for a resume whose run has already reached its last step and been evaluated."""
     last, step = cfg.stop_after or cfg.max_iters, ckpt["step"]
-    done = step > last or step == last and (step != cfg.max_iters or os.path.exists(
-        os.path.join(cfg.out_dir, "eval.json")))
+    done = step > last or step == last and (step != cfg.max_iters or evaluated_at(cfg.out_dir, step))
     if done:
         print(f"{cfg.out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
               f"(--max_iters N, beyond {step}, trains further)")
     return done
 
 
+def evaluated_at(out_dir, step):
+    """True when out_dir/eval.json is the final evaluation of the model at `step` (files from before the step was
+    recorded count as such)."""
+    try:
+        with open(os.path.join(out_dir, "eval.json")) as f:
+            return json.load(f).get("step", step) == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def train_and_finish(cfg, env, data, model, ckpt):
-    """Training from set-up to the final evaluation (the out_dir is this run's: locked, and cleared for
-    --overwrite only now that every input has been checked)."""
+    """Training from set-up (every input checked) to the final evaluation, in an out_dir of its own."""
     run_state, estimate = prepare_training(cfg, env, data, model, ckpt)
-    if env.master and not cfg.plan:
-        if cfg.overwrite and not cfg.resume:
-            clear_run(cfg.out_dir)
-        run_state.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"),
-                                           run_state.step if cfg.resume else None)
-        print(f"model {model.get_num_params() / 1e6:.2f}M params | {env.device} {env.dtype} | world {env.world} | "
-              f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * env.world:,} tokens/step | data {data.dir}")
-    last = cfg.stop_after or cfg.max_iters
-    if cfg.plan:  # a few real steps, measured against the estimate; nothing is written
-        meter = memory.PeakMeter(env.device, model, run_state.optimizer).start()
-        train(run_state, run_state.step + memory.PLAN_STEPS)
-        memory.report_plan(meter, estimate, env.master)
-    else:
-        train(run_state, last)
-        if run_state.step == cfg.max_iters:
-            finish(run_state)
+    with own_out_dir(cfg, env):
+        if env.master and not cfg.plan:
+            run_state.log = runtime.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"),
+                                               run_state.step if cfg.resume else None)
+            print(f"model {model.get_num_params() / 1e6:.2f}M params | {env.device} {env.dtype} | world "
+                  f"{env.world} | {cfg.batch_size * cfg.block_size * cfg.grad_accum * env.world:,} tokens/step | "
+                  f"data {data.dir}")
+        if cfg.plan:  # a few real steps, measured against the estimate; nothing is written
+            meter = memory.PeakMeter(env.device, model, run_state.optimizer).start()
+            train(run_state, run_state.step + memory.PLAN_STEPS)
+            memory.report_plan(meter, estimate, env.master)
+        else:
+            train(run_state, cfg.stop_after or cfg.max_iters)
+            if run_state.step == cfg.max_iters:
+                finish(run_state)
     runtime.teardown(env)
 
 

@@ -100,8 +100,10 @@ CASES = [
          lambda w: _hold_lock(os.path.join(w, "rl"))),
     Case("rl-overwrite-bad-init", "rl", BASE + ["--out_dir", "rl", "--overwrite", "--init_from", "notes.txt"],
          r"notes.txt is corrupt"),
-    Case("rl-ctrl-c", "rl", BASE, r"interrupted", patch={"reason_rl.rl_step": raises(KeyboardInterrupt)}),
-    Case("rl-disk-full", "rl", BASE, r"No space left on device: .*new_rl/ckpt.pt", patch={"torch.save": disk_full}),
+    Case("rl-ctrl-c", "rl", BASE, r"interrupted", patch={"reason_rl.rl_step": raises(KeyboardInterrupt)},
+         leaves=r"^new_rl/(\.lock|metrics\.jsonl)$"),
+    Case("rl-disk-full", "rl", BASE, r"No space left on device: .*new_rl/ckpt.pt", patch={"torch.save": disk_full},
+         leaves=r"^new_rl/(\.lock|metrics\.jsonl)$"),
     Case("rl-resume-saved-config-bad", "rl", ["--resume", "--out_dir", "bad_rl"],
          r"bad_rl/ckpt.pt: its saved config is not valid \(--temperature must be > 0", _bad_rl_config),
 ]
@@ -116,4 +118,12 @@ CASES += [
          lambda w: open(os.path.join(w, "r.toml"), "w").write("temperature = -1.0\n")),
     Case("rl-toml-unknown", "rl", BASE + ["--config", "r.toml"], r"unknown flag --temp",
          lambda w: open(os.path.join(w, "r.toml"), "w").write("temp = 1.0\n")),
+]
+
+CASES += [
+    Case("rl-overwrite-own-source", "rl", BASE + ["--out_dir", "run", "--overwrite"],
+         r"--init_from run/ckpt.pt is in --out_dir run"),
+    Case("rl-resume-steps-below", "rl", RESUME + ["--steps", "1"], r"--steps 1 is below step 2"),
+    Case("rl-resume-stop-after-below", "rl", RESUME + ["--steps", "5", "--stop_after", "1"],
+         r"--stop_after 1 is below step 2"),
 ]

@@ -30,6 +30,7 @@ class Case:
     expect: str             # a regular expression the one-line message must match
     setup: object = None    # setup(world_dir): files to make or damage first
     patch: dict = field(default_factory=dict)  # "module.attr" -> a stand-in during the run (faults: Ctrl-C, disk)
+    leaves: str = ""        # a pattern for new files the case may leave (a fault after the run began writing)
 
 
 def _train():

@@ -76,6 +76,15 @@ def test_bad_input(case, world, tmp_path, monkeypatch, capsys):
     after = file_hashes(here)
     changed = [p for p in before if before[p] != after.get(p)]
     assert not changed, f"changed or removed: {changed}"
+    left = [p for p in after if p not in before and not (case.leaves and re.search(case.leaves, p))]
+    assert not left, f"left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    yield
+    while badcases_train.HELD:
+        badcases_train.HELD.pop().close()
 
 
 @pytest.mark.parametrize("entry,argv,field", [("train", [], "--grad_clip"), ("rl", [], "--temperature"),

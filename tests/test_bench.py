@@ -76,3 +76,11 @@ def test_real_shapes_are_the_published_configs():
             model = GPT(bench.real_shape(name, 128))
         n = sum(p.numel() for p in model.parameters()) / 1e6
         assert abs(n - millions) / millions < 0.01, (name, n)
+
+
+def test_a_bare_boolean_flag_before_a_section_name_is_a_flag():
+    from config import BenchConfig, parse_config
+    cfg, _ = parse_config(BenchConfig, ["--quick", "train", "generate"])
+    assert cfg.quick and cfg.sections == "train,generate"
+    cfg, _ = parse_config(BenchConfig, ["train", "--quick", "false"])
+    assert not cfg.quick and cfg.sections == "train"

@@ -125,3 +125,26 @@ def test_a_kill_during_the_write_leaves_the_last_checkpoint_whole(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     tiny_checkpoint(path)  # the next write removes the dead writer's temporary
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_eval_only_files_are_named_after_the_checkpoint_wherever_the_command_runs(tmp_path, monkeypatch):
+    from checkpoint import eval_only_path
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    here = eval_only_path("out", "a/ckpt.pt")
+    monkeypatch.chdir(tmp_path / "a")
+    assert eval_only_path("out", str(tmp_path / "a" / "ckpt.pt")) == here  # the same file, however named
+    assert os.path.basename(here).startswith("eval_only_a_ckpt.pt_") and here.endswith(".json")
+    assert eval_only_path("out", str(tmp_path / "a_ckpt.pt")) != here  # names that read alike still differ
+    long = eval_only_path("out", str(tmp_path / ("x" * 300)))
+    assert len(os.path.basename(long)) < 100
+
+
+def test_a_saved_config_missing_a_newer_field_resumes_as_it_ran():
+    from checkpoint import resume_config
+    from config import RLConfig
+    saved = {k: v for k, v in RLConfig().__dict__.items() if k != "resample_rounds"}
+    cfg = resume_config(RLConfig, saved, RLConfig(), set(), legacy=dict(resample_rounds=0))
+    assert cfg.resample_rounds == 0
+    cfg = resume_config(RLConfig, {**saved, "resample_rounds": 2}, RLConfig(), set(), legacy=dict(resample_rounds=0))
+    assert cfg.resample_rounds == 2

@@ -314,3 +314,11 @@ def test_resume_after_the_end_says_nothing_is_left_and_keeps_same_value_flags(co
     assert p.returncode == 0, p.stderr
     steps = [json.loads(line).get("step") for line in open(os.path.join(out, "metrics.jsonl"))]
     assert max(steps) == 3
+
+
+def test_a_lower_lr_alone_lowers_the_default_floor_and_says_so(capsys):
+    cfg = TrainConfig(lr=1e-4)
+    train.schedule_floor(cfg, {"lr"})
+    assert cfg.min_lr == pytest.approx(1e-5) and "--min_lr lowered" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--min_lr 0.001 is above --lr"):
+        train.schedule_floor(TrainConfig(lr=1e-4, min_lr=1e-3), {"lr", "min_lr"})
