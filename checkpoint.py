@@ -23,6 +23,7 @@ Ideas it rests on:
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import pickletools
@@ -226,6 +227,16 @@ def run_lock(out_dir):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def written_at(path, step):
+    """True when the JSON file at path (a final eval.json or summary.json) describes the run at `step`; files
+    written before they recorded their step count as such."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("step", step) == step
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def eval_only_path(out_dir, source):

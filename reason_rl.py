@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import runtime
 from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
                         refuse_changes, refuse_existing, refuse_overwriting_source, resume_config, run_lock,
-                        save_checkpoint)
+                        save_checkpoint, written_at)
 from config import LENGTH_REWARDS, RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
@@ -352,7 +352,8 @@ def finish_rl(policy, st, cfg, env, t_start):
     st.history["end"] = evaluate(policy, cfg, env)
     save_rl(policy, st, cfg, env)
     start, end = st.history["start"], st.history["end"]
-    summary = dict(config=asdict(cfg), step=st.step, start=_brief(start), end=_brief(end), seconds=time.perf_counter() - t_start,
+    summary = dict(config=asdict(cfg), step=st.step, start=_brief(start), end=_brief(end),
+                   seconds=time.perf_counter() - t_start,
                    token_change=end["mean_tokens"] / start["mean_tokens"] - 1,
                    accuracy_change=end["accuracy"] - start["accuracy"],
                    tokens_per_correct_change=_ratio(end["tokens_per_correct"], start["tokens_per_correct"]))
@@ -394,20 +395,12 @@ def rl_config(cfg, explicit):
     return cfg, legacy
 
 
-def summarized_at(out_dir, step):
-    """True when out_dir/summary.json is the end of the run at `step` (older files without a step count)."""
-    try:
-        with open(os.path.join(out_dir, "summary.json")) as f:
-            return json.load(f).get("step", step) == step
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def nothing_left(cfg):
     """True (with a note) for a resume of a run that has already finished its steps and its summary."""
     ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     last = cfg.stop_after or cfg.steps
-    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or summarized_at(cfg.out_dir, last))
+    ended = written_at(os.path.join(cfg.out_dir, "summary.json"), last)
+    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or ended)
     if done:
         print(f"{cfg.out_dir}/ckpt.pt is at step {ck['step']} and this run ends at step {last}: nothing to do "
               f"(--steps N, beyond {ck['step']}, trains further)")

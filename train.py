@@ -14,7 +14,6 @@ Ideas it rests on:
   config), so --resume continues bit for bit, and a crash or a bad flag never destroys a saved run.
 """
 import contextlib
-import json
 import math
 import os
 import time
@@ -26,9 +25,9 @@ import lora
 import memory
 import quant
 import runtime
-from checkpoint import (check_out_dir, checked_model_config, refuse_overwriting_source, clear_run, eval_only_path, load_checkpoint, load_model,
-                        model_from_checkpoint, model_state, refuse_changes, refuse_existing, resume_config, run_lock,
-                        save_checkpoint)
+from checkpoint import (check_out_dir, checked_model_config, clear_run, eval_only_path, load_checkpoint, load_model,
+                        model_from_checkpoint, model_state, refuse_changes, refuse_existing,
+                        refuse_overwriting_source, resume_config, run_lock, save_checkpoint, written_at)
 from config import TrainConfig, UserError, cli
 from data.loader import dataset_dir, make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
@@ -431,21 +430,12 @@ def own_out_dir(cfg, env):
 def nothing_left(cfg, ckpt):
     """True (with a note) for a resume whose run has already reached its last step and been evaluated."""
     last, step = cfg.stop_after or cfg.max_iters, ckpt["step"]
-    done = step > last or step == last and (step != cfg.max_iters or evaluated_at(cfg.out_dir, step))
+    final = written_at(os.path.join(cfg.out_dir, "eval.json"), step)
+    done = step > last or step == last and (step != cfg.max_iters or final)
     if done:
         print(f"{cfg.out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
               f"(--max_iters N, beyond {step}, trains further)")
     return done
-
-
-def evaluated_at(out_dir, step):
-    """True when out_dir/eval.json is the final evaluation of the model at `step` (files from before the step was
-    recorded count as such)."""
-    try:
-        with open(os.path.join(out_dir, "eval.json")) as f:
-            return json.load(f).get("step", step) == step
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def train_and_finish(cfg, env, data, model, ckpt):
