@@ -456,12 +456,20 @@ def _rule_text(rule):
     return f" [{', '.join(parts)}]" if parts else ""
 
 
+def print_help(text):
+    """--help's text on stdout; a reader that stops early (`| head`) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
 def cli(cls, entry, argv=None):
     """Flags -> cls -> entry(cfg, explicit); bad input is one line on stderr and exit status 2."""
     program = os.path.basename(sys.argv[0]) if argv is None else cls.__name__
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(usage(cls, program))
+        print_help(usage(cls, program))
         return
     try:
         cfg, explicit = parse_config(cls, argv)

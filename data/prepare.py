@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import Checked, UserError, arg, cli, usage  # noqa: E402
+from config import Checked, UserError, arg, cli, print_help, usage  # noqa: E402
 from files import process_alive, atomic_write, fsync_dir  # noqa: E402
 from data.loader import DEFAULT_DATASET, DataError, dataset_dir, read_meta  # noqa: E402
 from data.tasks import (FORMAT_VERSION, LEVELS, SUB_LEVELS, TaskConfig, make_examples,  # noqa: E402
@@ -427,10 +427,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     mode = argv[0] if argv else ""
     if mode in ("-h", "--help"):
-        print("usage: python data/prepare.py MODE [--config FILE.toml] [--name value ...]\n\nmodes:")
-        for name, (_, what) in MODES.items():
-            print(f"  {name:<12} {what}")
-        print("\npython data/prepare.py MODE --help lists a mode's flags, with their defaults")
+        modes = "".join(f"  {name:<12} {what}\n" for name, (_, what) in MODES.items())
+        print_help(f"usage: python data/prepare.py MODE [--config FILE.toml] [--name value ...]\n\nmodes:\n"
+                   f"{modes}\npython data/prepare.py MODE --help lists a mode's flags, with their defaults")
         return
     if mode not in MODES:
         close = "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(mode, list(MODES), n=1))
@@ -440,7 +439,7 @@ def main(argv=None):
         sys.exit(2)
     cls = MODES[mode][0]
     if "--help" in argv or "-h" in argv:
-        print(usage(cls, f"data/prepare.py {mode}"))
+        print_help(usage(cls, f"data/prepare.py {mode}"))
         return
     cli(cls, lambda cfg, explicit: run(mode, cfg), argv[1:])
 
