@@ -193,6 +193,9 @@ def add_lora_(model, rank=8, alpha=16.0, targets=DEFAULT_TARGETS, base="float", 
     def swap(name, m):
         if type(m) is not nn.Linear or name.split(".")[-1] not in targets:
             return None
+        if rank > min(m.in_features, m.out_features):  # a wider adapter adds parameters, not expressiveness
+            raise ValueError(f"--lora_rank {rank} exceeds {name}'s smaller dimension "
+                             f"{min(m.in_features, m.out_features)}: choose a rank at most that")
         if kind == "float":
             return LoRALinear(m, rank, alpha, dropout)
         frozen = frozen_base(m.in_features, m.out_features, m.bias is not None, base, device=m.weight.device)

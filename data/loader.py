@@ -234,6 +234,9 @@ def open_dataset(name, build_default=True):
     d = dataset_dir(name)
     if name == DEFAULT_DATASET and build_default:
         ensure_default_corpus(d)
+    if d != name and not os.path.exists(d) and os.path.isdir(name):
+        raise DataError(f"no dataset named {name} under data/ (a bare name is looked up there): for the folder "
+                        f"{name} here, give --dataset ./{name}")
     meta = load_meta(d)
     try:
         tok = load_tokenizer(meta["tokenizer"], d)

@@ -259,3 +259,8 @@ CASES += [
     prep("toml-not-toml", ["text"] + TOML, r"not valid TOML", setup=write("p.toml", "input = \n")),
     prep("toml-missing", ["text", "--config", "none.toml"], r"config file none\.toml not found"),
 ]
+
+CASES += [
+    Case("data-bare-name-of-a-folder-here", "train", TINY + ["--dataset", "data_tiny", "--out_dir", "new"],
+         r"no dataset named data_tiny under data/.*--dataset ./data_tiny"),
+]

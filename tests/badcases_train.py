@@ -284,3 +284,8 @@ CASES += [
     Case("train-resume-min-lr-above-lr", "train", ["--resume", "--out_dir", "run", "--max_iters", "8", "--lr",
                                                    "1e-4", "--min_lr", "1e-3"], r"--min_lr 0.001 is above --lr"),
 ]
+
+CASES += [
+    Case("train-lora-rank-beyond-layer", "train", NEW + ["--init_from", "run/ckpt.pt", "--lora_rank", "1000"],
+         r"--lora_rank 1000 exceeds .*smaller dimension 32"),
+]

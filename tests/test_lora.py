@@ -169,9 +169,10 @@ def test_add_lora_rejects_bad_input():
         lora.add_lora_(lora.add_lora_(tiny_gpt(), 4), 4)
     with pytest.raises(ValueError, match="loftq_split"):
         lora.add_lora_(tiny_gpt(), 4, base="nf4g64", loftq_iters=2, loftq_split="half")
-    width = tiny_gpt().config.n_embd  # LoftQ's SVD has at most min(N, K) components
-    with pytest.raises(ValueError, match=f"rank <= {width}.*lower the LoRA rank"):
-        lora.add_lora_(tiny_gpt(), width + 1, base="nf4g64", loftq_iters=2)
+    width = tiny_gpt().config.n_embd  # a rank beyond a layer's smaller side adds parameters, not expressiveness
+    for base, iters in (("float", 0), ("nf4g64", 2)):
+        with pytest.raises(ValueError, match=f"exceeds .*smaller dimension {width}"):
+            lora.add_lora_(tiny_gpt(), width + 1, base=base, loftq_iters=iters)
     model = tiny_gpt()
     model.transformer.h[0].attn.c_attn.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
