@@ -372,7 +372,7 @@ def test_train_qat_then_converted_checkpoint_evaluates_the_same(float_run):
     p = run_cli(common[:-2] + ["--eval_only", "--init_from", str(d / "qat" / "converted.pt"),
                                "--out_dir", str(d / "again")])
     assert p.returncode == 0, p.stderr
-    again = os.path.basename(glob.glob(str(d / "again" / "eval_only_*converted.pt.json"))[0])
+    again = os.path.basename(glob.glob(str(d / "again" / "eval_only_qat_converted.pt_*.json"))[0])
     assert final(d / "again", again) == final(d / "qat", "eval_converted.json")
 
 
