@@ -434,6 +434,7 @@ def train_and_finish(policy, cfg, env, start_eval=None):
           f"{env.device} {env.dtype} | up to {policy.max_new} new tokens | task levels {list(policy.data.task.levels)}")
     if "start" not in st.history:
         st.history["start"] = start_eval or evaluate(policy, cfg, env)
+        st.log.write(dict(step=0, start=True, eval=_brief(st.history["start"])))
         print(f"start  | {summary_line(st.history['start'])}", flush=True)
     train_rl(policy, st, cfg, env)
     if st.step < cfg.steps:  # --stop_after: save, and let --resume finish the run

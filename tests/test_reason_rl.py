@@ -81,9 +81,15 @@ def test_short_run_writes_metrics_and_summary(tiny_ckpt, tmp_path, parity_reward
                 "tokens_per_correct", "styles", "loss"):
         assert key in steps[0]
     assert any(r["loss"] != 0 for r in steps)  # the parity reward gives mixed groups: real updates
+    evals = [r for r in recs if "eval" in r]  # the start and the end evaluation, with the field's figures
+    assert [r.get("start", False) for r in evals] == [True, False] and evals[-1]["final"]
+    for r in evals:
+        assert set(r["eval"]["budget_accuracy"]) == {"32", "64", "128"} and "len_correct" in r["eval"]
+        assert set(r["eval"]["by_level"]["1"]["chose"]) == {"direct", "minimal", "verbose"}
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
     assert saved["end"]["by_level"] and summary["token_change"] == saved["token_change"]
+    assert saved["end"]["budget_accuracy"] and "tokens_per_correct" in saved["end"]
     # --dtype auto is saved as what it resolved to, so a resume on another machine keeps the precision
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"] in ("float32", "bfloat16")
 
