@@ -194,8 +194,9 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "eval.json", "eval_converted.json", "co
 
 def refuse_overwriting_source(out_dir, source):
     """--overwrite would remove a file the new run starts from: refused before anything is touched."""
-    if source and os.path.isfile(source) and os.path.basename(source) in RUN_FILES and \
-            os.path.realpath(os.path.dirname(source)) == os.path.realpath(out_dir):
+    real = os.path.realpath(source) if source else ""
+    if real and os.path.isfile(real) and os.path.basename(real) in RUN_FILES and \
+            os.path.dirname(real) == os.path.realpath(out_dir):
         raise UserError(f"--init_from {source} is in --out_dir {out_dir}, whose run files --overwrite removes: "
                         f"give another --out_dir (or copy the checkpoint elsewhere first)")
 

@@ -125,16 +125,23 @@ def _numbers(typ, min_value, unique=False):
 def _sweep(text):
     """check= for --sweep: strengths (finite, >= 0) or objectives NAME[:STRENGTH], none repeated."""
     items = [x.strip() for x in text.split(",") if x.strip()]
+    if text.strip() and not items:
+        return "names no run: give strengths (0.25,0.5) or objectives (none,kimi:0.5)"
     for x in items:
         name, colon, a = x.partition(":")
         number = _numbers(float, 0)(x) is None
         if not number and name not in LENGTH_REWARDS:
             return f"{x!r} is neither a strength >= 0 nor one of {', '.join(LENGTH_REWARDS)}[:STRENGTH]"
         if colon and _numbers(float, 0)(a) is not None or colon and not a:
-            return f"{x!r}: the strength after ':' must be a finite number >= 0"
+            return f"the strength after {name}: must be a finite number >= 0"
     if len(set(items)) < len(items):
         return "a run is repeated (its results would overwrite its twin's)"
     return None
+
+
+def _bare_numbers(text):
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return bool(items) and all(_numbers(float, 0)(x) is None for x in items)
 
 
 def _device(text):
@@ -303,8 +310,12 @@ class RLConfig(Checked):
             (self.length_reward == "gfpo" and self.gfpo_keep > self.group_size,
              f"--gfpo_keep {self.gfpo_keep} exceeds --group_size {self.group_size}"),
             (self.resume and self.eval_only, "--resume and --eval_only do not combine: drop one"),
-            (self.sweep and (self.resume or self.eval_only), "--sweep starts its own runs: drop --resume and "
-                                                             "--eval_only"),
+            (self.sweep and (self.resume or self.eval_only or self.stop_after),
+             "--sweep runs each of its runs to the end: drop --resume, --eval_only and --stop_after"),
+            (self.sweep_seeds and not self.sweep, "--sweep_seeds needs --sweep"),
+            (self.length_reward == "l1" and not self.l1_targets.strip(", "), "--length_reward l1 needs --l1_targets"),
+            (_bare_numbers(self.sweep) and self.length_reward == "none",
+             "--sweep with strengths varies --length_reward: give one other than none (e.g. --length_reward kimi)"),
         )
 
 

@@ -154,7 +154,7 @@ BEFORE_THEY_EXISTED = dict(resample_rounds=0)
 FIXED_ON_RESUME = ("init_from", "levels", "prompts_per_step", "group_size", "temperature", "top_k",
                    "max_new_tokens", "truncated", "advantage", "norm", "epochs", "kl_coef", "optim",
                    "length_reward", "alpha", "solve_threshold", "penalty_warmup", "l1_targets", "gfpo_keep",
-                   "gfpo_metric", "laser_coverage", "resample_rounds")
+                   "gfpo_metric", "laser_coverage", "resample_rounds", "lr", "weight_decay")  # (Adam's state keeps lr)
 
 
 def sweep_runs(cfg):
@@ -384,9 +384,10 @@ def rl_config(cfg, explicit):
     saved = load_checkpoint(path)
     if "rl" not in saved:
         raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
-    refuse_changes(saved["config"], cfg, explicit, FIXED_ON_RESUME, path)
+    refuse_changes({**BEFORE_THEY_EXISTED, **saved["config"]}, cfg, explicit, FIXED_ON_RESUME, path)
     legacy = runtime.saved_before_resolving(saved["config"], explicit)
-    cfg = resume_config(RLConfig, {**saved["config"], "resume": True, "overwrite": False}, cfg, explicit,
+    cfg = resume_config(RLConfig, {**saved["config"], "out_dir": cfg.out_dir, "resume": True, "overwrite": False},
+                        cfg, explicit,
                         reset=("stop_after",), source=path, legacy=BEFORE_THEY_EXISTED)
     for k in ("steps", "stop_after"):
         if k in explicit and 0 < getattr(cfg, k) < saved["step"]:
@@ -422,6 +423,8 @@ def run(cfg, explicit, start_eval=None):
         return e
     training_levels(cfg, policy.data.task)  # (checked before the out_dir is taken)
     with run_lock(cfg.out_dir):
+        if not cfg.resume:
+            refuse_existing(cfg.out_dir, cfg.overwrite)  # again: a run may have ended here since the first check
         if cfg.overwrite and not cfg.resume:
             clear_run(cfg.out_dir)  # only now: the policy and its data have loaded
         return train_and_finish(policy, cfg, env, start_eval)
@@ -486,13 +489,14 @@ def sweep(cfg, explicit):
     taken = [d for d in dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
     if taken and not cfg.overwrite:
         raise UserError(f"{taken[0]} already holds a run: --out_dir DIR for a new sweep, or --overwrite")
-    results, start = [], None
-    for name, a, seed, d in jobs:
-        sub = RLConfig(**{**asdict(cfg), "sweep": "", "sweep_seeds": "", "length_reward": name, "alpha": a,
-                          "seed": seed, "out_dir": d, "overwrite": True})
+    subs = [RLConfig(**{**asdict(cfg), "sweep": "", "sweep_seeds": "", "length_reward": name, "alpha": a,
+                        "seed": seed, "out_dir": d, "overwrite": True}) for name, a, seed, d in jobs]  # all checked
+    results, starts = [], {}
+    for (name, a, seed, d), sub in zip(jobs, subs):
         print(f"=== {name} alpha={a:g} seed={seed} -> {d}", flush=True)
-        s = run(sub, explicit, start_eval=start)
-        start = start or _load_start(d)
+        key = sub.l1_eval_target if name == "l1" else None  # l1 evaluates with a budget in its prompts
+        s = run(sub, explicit, start_eval=starts.get(key))
+        starts[key] = starts.get(key) or _load_start(d)
         results.append(dict(length_reward=name, alpha=a, seed=seed, **s["end"], seconds=s["seconds"],
                             start=s["start"]))
     table = sweep_table(results)

@@ -39,7 +39,8 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "gelu", "block_size
 # what a resumed run keeps: the model, its QAT/LoRA/PTQ additions, the data and the optimizer
 FIXED_ON_RESUME = MODEL_FIELDS + ("dropout", "dataset", "qat", "qat_start", "ptq", "ptq_spec", "lora_rank",
                                   "lora_alpha", "lora_dropout", "lora_base", "lora_targets", "loftq",
-                                  "loftq_iters", "loftq_split", "lora_merge", "optim", "beta1", "beta2")
+                                  "loftq_iters", "loftq_split", "lora_merge", "optim", "beta1", "beta2",
+                                  "weight_decay")  # (the optimizer's saved state keeps its weight decay)
 
 
 # ----------------------------------------------------------------------------- what the run starts from
@@ -59,7 +60,8 @@ def starting_point(cfg, explicit):
         if "dataset" in explicit and same_dataset(cfg.dataset, saved.get("dataset", "")):
             cfg.dataset = saved["dataset"]  # the same folder, spelled another way
         refuse_changes(saved, cfg, explicit, FIXED_ON_RESUME, path)
-        cfg = resume_config(TrainConfig, {**saved, "init_from": "", "overwrite": False, "resume": True},
+        cfg = resume_config(TrainConfig, {**saved, "out_dir": cfg.out_dir, "init_from": "", "overwrite": False,
+                                          "resume": True},
                             cfg, explicit, reset=("stop_after",), source=path)
         for k in ("max_iters", "stop_after"):
             if k in explicit and 0 < getattr(cfg, k) < ckpt["step"]:
@@ -422,6 +424,8 @@ def own_out_dir(cfg, env):
         yield
         return
     with run_lock(cfg.out_dir):
+        if not cfg.resume:
+            refuse_existing(cfg.out_dir, cfg.overwrite)  # again: a run may have ended here since the first check
         if cfg.overwrite and not cfg.resume:
             clear_run(cfg.out_dir)
         yield

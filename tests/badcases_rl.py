@@ -74,7 +74,7 @@ CASES = [
     flag("sweep", "-1,0.5", r"--sweep '-1,0.5': '-1' is neither a strength >= 0"),
     flag("sweep", "0.5,0.5", r"--sweep '0.5,0.5': a run is repeated"),
     flag("sweep", "a,b", r"--sweep 'a,b': 'a' is neither"),
-    flag("sweep", "kimi:-2", r"--sweep 'kimi:-2': 'kimi:-2': the strength after ':'"),
+    flag("sweep", "kimi:-2", r"--sweep 'kimi:-2': the strength after kimi: must be"),
     flag("sweep", "kimi:nan", r"--sweep 'kimi:nan'"),
     flag("sweep", "laser:", r"--sweep 'laser:'"),
     flag("sweep", "0.5,kimi:0.5", r"two runs would both write", "--length_reward", "kimi"),
@@ -85,7 +85,7 @@ CASES = [
     flag("resample_rounds", -1, r"--resample_rounds must be >= 0"),
     flag("optim", "sgd", r"--optim must be one of adamw, adamw8bit"),
     flag("advantage", "batchwise", r"--advantage must be one of zscore, mean, batch"),
-    flag("sweep", "0.5", r"--sweep starts its own runs", "--resume"),
+    flag("sweep", "0.5", r"--sweep runs each of its runs to the end", "--resume"),
     Case("rl-unknown-flag", "rl", BASE + ["--lenght_reward", "kimi"], r"unknown flag --lenght_reward; did you mean"),
     Case("rl-positional", "rl", BASE + ["go"], r"unexpected argument 'go'"),
     Case("rl-init-missing", "rl", BASE + ["--init_from", "none.pt"], r"no checkpoint at none.pt"),
@@ -126,4 +126,15 @@ CASES += [
     Case("rl-resume-steps-below", "rl", RESUME + ["--steps", "1"], r"--steps 1 is below step 2"),
     Case("rl-resume-stop-after-below", "rl", RESUME + ["--steps", "5", "--stop_after", "1"],
          r"--stop_after 1 is below step 2"),
+]
+
+CASES += [
+    flag("sweep", "none", r"--sweep runs each of its runs to the end", "--stop_after", "1"),
+    flag("sweep", ",", r"--sweep ',': names no run"),
+    flag("sweep", "0.5", r"--sweep with strengths varies --length_reward", "--length_reward", "none"),
+    flag("sweep", "none,gfpo:0.5", r"--gfpo_keep 4 exceeds --group_size 2"),
+    flag("sweep_seeds", "1,2", r"--sweep_seeds needs --sweep"),
+    flag("l1_targets", ",", r"--length_reward l1 needs --l1_targets", "--length_reward", "l1"),
+    Case("rl-resume-lr", "rl", RESUME + ["--lr", "0.1"], r"--lr 0.1 differs from the run being resumed"),
+    Case("rl-resume-weight-decay", "rl", RESUME + ["--weight_decay", "0.5"], r"--weight_decay 0.5 differs"),
 ]

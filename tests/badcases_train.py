@@ -289,3 +289,8 @@ CASES += [
     Case("train-lora-rank-beyond-layer", "train", NEW + ["--init_from", "run/ckpt.pt", "--lora_rank", "1000"],
          r"--lora_rank 1000 exceeds .*smaller dimension 32"),
 ]
+
+CASES += [
+    Case("train-resume-weight-decay", "train", ["--resume", "--out_dir", "run", "--weight_decay", "0.5"],
+         r"--weight_decay 0.5 differs from the run being resumed"),
+]
