@@ -336,7 +336,8 @@ class BenchConfig(Checked):
     def relations(self):
         folder = os.path.dirname(os.path.abspath(self.json)) if self.json else ""
         return _problems((folder and not os.path.isdir(folder),
-                          f"--json {self.json}: its folder does not exist; create it or give another path"))
+                          f"--json {self.json}: its folder does not exist; create it or give another path"),
+                         (self.json and os.path.isdir(self.json), f"--json {self.json} is a folder: name a file"))
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -16,7 +16,7 @@ CASES = [
     bench("device", ["--device", "tpu"], r"--device 'tpu'"),
     bench("device-cuda", ["--device", "cuda"], r"--device cuda: no CUDA device"),
     bench("json-missing-folder", ["train", "--json", "no/where/b.json"], r"--json no/where/b.json: its folder"),
-    bench("json-is-folder", ["train", "--json", "run"], r"Is a directory|run"),
+    bench("json-is-folder", ["train", "--json", "run"], r"--json run is a folder: name a file"),
     bench("init-from-missing", ["generate", "--init_from", "none.pt"], r"no checkpoint at none.pt"),
     bench("init-from-text", ["generate", "--init_from", "notes.txt"], r"notes.txt is corrupt"),
     Case("bench-quick-word", "bench", ["train", "--quick", "sometimes"], r"unknown section\(s\) sometimes"),
