@@ -9,6 +9,7 @@
     run_lock(out_dir)                      one run at a time writes to a folder
     clear_run(out_dir)                     --overwrite: the old run's files go, once the new run's inputs are good
     eval_only_path(out_dir, source)        where an evaluation-only run writes, never over another run's results
+    nothing_left(out_dir, step, ...)       a resume of a finished run says so and does nothing
 
 Ideas it rests on:
 - A checkpoint is a dict of tensors and plain containers: the model's state_dict, its GPTConfig as a dict, and
@@ -238,6 +239,16 @@ def written_at(path, step):
             return json.load(f).get("step", step) == step
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def nothing_left(out_dir, step, last, end, record, flag):
+    """True (with a note) for a resume whose checkpoint, at `step`, has reached the run's `last` step, and when
+    that is the schedule's `end`, has written its final `record` (eval.json, summary.json) for it."""
+    done = step > last or step == last and (last != end or written_at(os.path.join(out_dir, record), step))
+    if done:
+        print(f"{out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
+              f"({flag} N, beyond {step}, trains further)")
+    return done
 
 
 def eval_only_path(out_dir, source):

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 import runtime
 from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
-                        refuse_changes, refuse_existing, refuse_overwriting_source, resume_config, run_lock,
-                        save_checkpoint, written_at)
-from config import LENGTH_REWARDS, RLConfig, UserError, cli
+                        nothing_left, refuse_changes, refuse_existing, refuse_overwriting_source, resume_config,
+                        run_lock, save_checkpoint)
+from config import RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
 from evaluate import decode_answer, format_table, pareto_svg, summary_line, untagged_summary
@@ -161,17 +161,12 @@ def sweep_runs(cfg):
     """The (objective, strength) pairs --sweep names: numbers are strengths of --length_reward, run after the
     no-length baseline (--sweep 0.25,0.5); names run as given, each at --alpha or at NAME:STRENGTH
     (--sweep none,kimi:0.5,laser:0.5)."""
-    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]
+    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]  # (RLConfig has checked them)
     runs = []
     for x in items:
         name, _, a = x.partition(":")
-        try:
-            runs.append((cfg.length_reward, float(x)) if _is_number(x) else
-                        (name, 0.0 if name == "none" else float(a) if a else cfg.alpha))
-        except ValueError:
-            raise UserError(f"--sweep {x!r}: use strengths (0.25,0.5) or objectives with strengths (kimi:0.5)")
-        if runs[-1][0] not in LENGTH_REWARDS:
-            raise UserError(f"--sweep {x!r}: {name!r} is not one of {', '.join(LENGTH_REWARDS)}")
+        runs.append((cfg.length_reward, float(x)) if _is_number(x) else
+                    (name, 0.0 if name == "none" else float(a) if a else cfg.alpha))
     if items and all(_is_number(x) for x in items):
         runs.insert(0, ("none", 0.0))
     return runs
@@ -370,17 +365,17 @@ def finish_rl(policy, st, cfg, env, t_start):
 
 
 def rl_config(cfg, explicit):
-    """The run's config (a resumed run's saved one with the flags given now on top), and whether it was saved
-    with an unresolved --dtype auto (before runs recorded the precision auto resolved to: fp32 on every CPU)."""
+    """The run's config (a resumed run's saved one with the flags given now on top), whether it was saved with
+    an unresolved --dtype auto (before runs recorded the precision auto resolved to: fp32 on every CPU), and the
+    step a resumed run's checkpoint is at (None for a fresh run)."""
     check_out_dir(cfg.out_dir)
-    sweep_runs(cfg)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.resume:
         if not cfg.eval_only:
             refuse_existing(cfg.out_dir, cfg.overwrite)
             if cfg.overwrite:
                 refuse_overwriting_source(cfg.out_dir, cfg.init_from)
-        return cfg, False
+        return cfg, False, None
     saved = load_checkpoint(path)
     if "rl" not in saved:
         raise UserError(f"{path} is not a reason_rl.py checkpoint; use --init_from to start from it")
@@ -393,24 +388,13 @@ def rl_config(cfg, explicit):
         if k in explicit and 0 < getattr(cfg, k) < saved["step"]:
             raise UserError(f"--{k} {getattr(cfg, k)} is below step {saved['step']}, where {path} already is: "
                             f"give a later step")
-    return cfg, legacy
-
-
-def nothing_left(cfg):
-    """True (with a note) for a resume of a run that has already finished its steps and its summary."""
-    ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    last = cfg.stop_after or cfg.steps
-    ended = written_at(os.path.join(cfg.out_dir, "summary.json"), last)
-    done = ck["step"] > last or ck["step"] == last and (last != cfg.steps or ended)
-    if done:
-        print(f"{cfg.out_dir}/ckpt.pt is at step {ck['step']} and this run ends at step {last}: nothing to do "
-              f"(--steps N, beyond {ck['step']}, trains further)")
-    return done
+    return cfg, legacy, saved["step"]
 
 
 def run(cfg, explicit, start_eval=None):
-    cfg, legacy_dtype = rl_config(cfg, explicit)
-    if cfg.resume and nothing_left(cfg):
+    cfg, legacy_dtype, saved_step = rl_config(cfg, explicit)
+    if cfg.resume and nothing_left(cfg.out_dir, saved_step, cfg.stop_after or cfg.steps, cfg.steps,
+                                   "summary.json", "--steps"):
         return None
     env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, distributed=False,
                         legacy_auto=legacy_dtype)

@@ -26,8 +26,8 @@ import memory
 import quant
 import runtime
 from checkpoint import (check_out_dir, checked_model_config, clear_run, eval_only_path, load_checkpoint, load_model,
-                        model_from_checkpoint, model_state, refuse_changes, refuse_existing,
-                        refuse_overwriting_source, resume_config, run_lock, save_checkpoint, written_at)
+                        model_from_checkpoint, model_state, nothing_left, refuse_changes, refuse_existing,
+                        refuse_overwriting_source, resume_config, run_lock, save_checkpoint)
 from config import TrainConfig, UserError, cli
 from data.loader import dataset_dir, make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
@@ -392,7 +392,8 @@ def evaluate_converted(model, data, val_tokens, cfg, env, path):
 
 def run(cfg, explicit):
     cfg, ckpt, model, legacy_dtype = starting_point(cfg, explicit)
-    if cfg.resume and nothing_left(cfg, ckpt):
+    if cfg.resume and nothing_left(cfg.out_dir, ckpt["step"], cfg.stop_after or cfg.max_iters, cfg.max_iters,
+                                   "eval.json", "--max_iters"):
         return None
     env = runtime.setup(cfg.device, cfg.dtype, cfg.threads, cfg.seed, legacy_auto=legacy_dtype)
     cfg.dtype = env.dtype  # saved resolved: --resume keeps the precision on a machine where auto means another
@@ -429,17 +430,6 @@ def own_out_dir(cfg, env):
         if cfg.overwrite and not cfg.resume:
             clear_run(cfg.out_dir)
         yield
-
-
-def nothing_left(cfg, ckpt):
-    """True (with a note) for a resume whose run has already reached its last step and been evaluated."""
-    last, step = cfg.stop_after or cfg.max_iters, ckpt["step"]
-    final = written_at(os.path.join(cfg.out_dir, "eval.json"), step)
-    done = step > last or step == last and (step != cfg.max_iters or final)
-    if done:
-        print(f"{cfg.out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
-              f"(--max_iters N, beyond {step}, trains further)")
-    return done
 
 
 def train_and_finish(cfg, env, data, model, ckpt):
