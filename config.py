@@ -495,3 +495,19 @@ def cli(cls, entry, argv=None):
     except KeyboardInterrupt:
         print("interrupted: files saved before are intact; nothing more was saved", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA), a failed CPU allocation
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)}): use smaller batches (see --help for the size flags); "
+              f"files saved before are intact", file=sys.stderr)
+        sys.exit(1)
+
+
+def out_of_memory(e):
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in str(e)
+
+
+def _first_line(e):
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= 120 else line[:117] + "..."

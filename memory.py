@@ -2,6 +2,7 @@
 
     estimate_memory(model, batch, seq_len, ...)  analytic bytes per component and the step's peak
     plan_batch(model, budget, rows_per_step, ...) the largest micro-batch (and whether to checkpoint) that fits
+    too_big(estimate, device)                     whether that peak can fit in the memory free here
     shard_model / full_state_dicts / load_optimizer_state / unsharded_copy / grad_sync   FSDP2 for train.py
 
 Ideas it rests on:
@@ -29,6 +30,9 @@ from torch.utils._pytree import tree_flatten
 
 MiB = 2 ** 20
 PLAN_HEADROOM = 0.1  # of a --memory_budget, kept free for what the estimate does not count
+# a step estimated to need more than this times the free memory is refused before it starts (the estimate is
+# within a few percent of measured peaks, so only a run that cannot fit is stopped; one near the edge is tried)
+FIT_SLACK = 1.15
 # bytes per weight element of one block of rows that kernels' chunked int4 path dequantizes at a time, at its
 # peak: int32 shifted and masked codes, uint8 codes, int64 table indices or fp32 codes, fp32 levels and products
 # (measured with TensorPeak)
@@ -293,6 +297,41 @@ def apply_plan(cfg, model, world, dtype, verbose=True):
         print(f"memory plan: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation per process, "
               f"checkpointing {ckpt}, chunked loss {'on' if cfg.chunked_loss else 'off'} | {format_estimate(est)}")
     return est
+
+
+def free_bytes(device):
+    """Bytes a training step here may still take, counting what this process holds already: on CUDA the device's
+    free memory plus torch's reserve; on CPU (Linux) available memory and free swap, within the cgroup's limit,
+    plus this process's resident set. None where it cannot be read."""
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+        room = info["MemAvailable"] + info.get("SwapFree", 0)
+        held = int(_status_mb("VmRSS") * MiB)
+    except (OSError, KeyError, ValueError, IndexError, StopIteration):
+        return None
+    return min(room, _cgroup_room() or room) + held
+
+
+def _cgroup_room():
+    """What the container's memory limit (cgroup v2) still allows, or None without one."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        return None if limit == "max" else max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+def too_big(est, device, procs=1):
+    """(needed, free) in bytes when `procs` processes of this step's estimated peak cannot fit in what is free here
+    even allowing for FIT_SLACK; None when they fit or the free memory is unknown."""
+    free = free_bytes(device)
+    needed = est["peak"] * procs
+    return (needed, free) if free is not None and needed > free * FIT_SLACK else None
 
 
 # ----------------------------------------------------------------------------- measuring

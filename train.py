@@ -192,12 +192,25 @@ class Run:
         return os.path.join(self.cfg.out_dir, "ckpt.pt")
 
 
+def refuse_what_cannot_fit(cfg, env, estimate):
+    """A step that cannot fit in this machine's memory is refused before it starts, instead of being killed."""
+    procs = 1 if env.device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    over = memory.too_big(estimate, env.device, procs)
+    if over:
+        needed, free = (f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.0f} MiB" for b in over)
+        where = f"{procs} processes' steps need" if procs > 1 else "a step needs"
+        raise UserError(f"--batch_size {cfg.batch_size} x --block_size {cfg.block_size}: {where} about {needed} "
+                        f"at the peak, more than the {free} free here: lower --batch_size (keep the rows per "
+                        f"step with --grad_accum), add --grad_ckpt, or let --memory_budget choose")
+
+
 def prepare_training(cfg, env, data, model, ckpt):
     """Memory plan, sharding, optimizer and loader (restored on --resume), wrappers, and the metrics log."""
     try:  # --grad_ckpt, --memory_budget (may change the micro-batch and accumulation), --plan
         estimate = memory.apply_plan(cfg, model, env.world, env.dtype, verbose=env.master)
     except ValueError as e:
         raise UserError(str(e))
+    refuse_what_cannot_fit(cfg, env, estimate)
     if cfg.fsdp:
         memory.shard_model(model, env.world, env.device)  # before the optimizer, which then holds the shards
     loader = make_batches(data.tokens("train"), data.meta, cfg.block_size, cfg.batch_size, cfg.seed, env.rank,

@@ -264,6 +264,9 @@ CASES += [
          r"interrupted", patch={"train.final_evaluation": raises(KeyboardInterrupt)}),
     Case("train-ctrl-c-overwrite", "train", TINY + DATA + ["--out_dir", "run", "--overwrite"], r"interrupted",
          patch={"train.prepare_training": raises(KeyboardInterrupt)}),
+    Case("train-out-of-memory", "train", NEW, r"out of memory \(CUDA out of memory\. Tried to allocate",
+         patch={"train.train_step": raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"))},
+         leaves=r"^new/(\.lock|metrics\.jsonl)$"),
     Case("train-disk-full-fresh", "train", NEW, r"No space left on device: .*new/ckpt.pt",
          patch={"torch.save": disk_full}, leaves=r"^new/(\.lock|metrics\.jsonl)$"),
     Case("train-disk-full-ptq", "train", ["--init_from", "run/ckpt.pt", "--ptq", "rtn", "--ptq_spec", "w4g32",
@@ -283,6 +286,16 @@ CASES += [
                                                     "--stop_after", "3"], r"--stop_after 3 is below step 4"),
     Case("train-resume-min-lr-above-lr", "train", ["--resume", "--out_dir", "run", "--max_iters", "8", "--lr",
                                                    "1e-4", "--min_lr", "1e-3"], r"--min_lr 0.001 is above --lr"),
+]
+
+# a step that cannot fit in memory is refused before it starts (not killed by the system half-way)
+CASES += [
+    Case("train-batch-cannot-fit", "train", NEW + ["--batch_size", "100000000"],
+         r"--batch_size 100000000 x --block_size \d+: a step needs about [\d.]+ GiB at the peak, more than the "
+         r"[\d.]+ GiB free here: lower --batch_size"),
+    Case("train-batch-cannot-fit-small-machine", "train", NEW + ["--batch_size", "4"],
+         r"a step needs about \d+ MiB at the peak, more than the 0 MiB free here",
+         patch={"memory.free_bytes": lambda device: 2 ** 16}),
 ]
 
 CASES += [

@@ -262,6 +262,22 @@ def test_planner_picks_the_largest_micro_batch_that_fits():
     assert memory.plan_batch(model, budget, 4, 256)[:2] == (2, 0)
 
 
+def test_free_memory_is_read_and_a_step_beyond_it_is_told_apart(monkeypatch):
+    free = memory.free_bytes("cpu")
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    rss = memory._status_mb("VmRSS") * memory.MiB
+    assert 0 < free <= info["MemTotal"] + info.get("SwapTotal", 0) + 2 * rss
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    assert memory.too_big({"peak": 1100}, "cpu") is None  # within FIT_SLACK: tried, not refused
+    assert memory.too_big({"peak": 1200}, "cpu") == (1200, 1000)
+    assert memory.too_big({"peak": 600}, "cpu", procs=2) == (1200, 1000)  # processes on one machine add up
+    monkeypatch.setattr(memory, "free_bytes", lambda device: None)
+    assert memory.too_big({"peak": 10 ** 15}, "cpu") is None  # unknown: not refused
+
+
 def test_parse_bytes():
     assert memory.parse_bytes("8GB") == 8 * 10 ** 9
     assert memory.parse_bytes("512MiB") == 512 * 2 ** 20
