@@ -251,11 +251,11 @@ def nothing_left(out_dir, step, last, end, record, flag):
     return done
 
 
-def eval_only_path(out_dir, source):
-    """An evaluation-only run's result file, named after what it evaluated: it never replaces a training run's
-    eval.json, nor another checkpoint's results."""
+def eval_only_path(out_dir, source, how=""):
+    """An evaluation-only run's result file, named after what it evaluated and how (e.g. "l1-64", a length
+    budget in the prompts): it never replaces a training run's eval.json, nor other results."""
     real = os.path.realpath(source)
     tail = "_".join(real.split(os.sep)[-2:])  # e.g. out_qlora_ckpt.pt: readable ...
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", tail).strip("_.")[-60:]
     digest = hashlib.sha1(real.encode()).hexdigest()[:8]  # ... and unique to the file, wherever it is run from
-    return os.path.join(out_dir, f"eval_only_{name}_{digest}.json")
+    return os.path.join(out_dir, f"eval_only_{name}_{digest}{'_' + how if how else ''}.json")

@@ -207,8 +207,12 @@ def load_policy(path, cfg, env):
     longest = longest_prompt(data.tok, data.task, budget=max(targets) if targets else None)
     room = model.config.block_size - longest - 2
     max_new = min(cfg.max_new_tokens, room) if cfg.max_new_tokens else room
+    if max_new < 8 and max_new == cfg.max_new_tokens:
+        raise UserError(f"--max_new_tokens {max_new} leaves too few tokens to answer in: give at least 8, or 0 for "
+                        f"all that the model's block_size leaves ({room})")
     if max_new < 8:
-        raise UserError(f"the model's block_size {model.config.block_size} leaves {max_new} tokens to answer in")
+        raise UserError(f"the model's block_size {model.config.block_size} leaves {max_new} tokens to answer in "
+                        f"after the longest prompt ({longest} tokens)")
     return Policy(model.to(env.device), ck, data, max_new, targets)
 
 
@@ -403,7 +407,8 @@ def run(cfg, explicit, start_eval=None):
     if cfg.eval_only:
         e = evaluate(policy, cfg, env)
         print(format_table(e["rows"]) + "\n" + summary_line(e))
-        atomic_write(eval_only_path(cfg.out_dir, cfg.init_from), lambda f: json.dump(e, f, indent=1), "w")
+        how = f"l1-{cfg.l1_eval_target}" if cfg.length_reward == "l1" else ""  # a budget in every prompt
+        atomic_write(eval_only_path(cfg.out_dir, cfg.init_from, how), lambda f: json.dump(e, f, indent=1), "w")
         return e
     training_levels(cfg, policy.data.task)  # (checked before the out_dir is taken)
     with run_lock(cfg.out_dir):

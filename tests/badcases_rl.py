@@ -40,6 +40,7 @@ CASES = [
     flag("prompts_per_step", 0, r"--prompts_per_step must be >= 1"),
     flag("group_size", 1, r"--group_size must be >= 2"),
     flag("max_new_tokens", -4, r"--max_new_tokens must be >= 0"),
+    flag("max_new_tokens", 4, r"--max_new_tokens 4 leaves too few tokens to answer in: give at least 8"),
     flag("truncated", "drop", r"--truncated must be one of zero, mask"),
     flag("levels", "1,x", r"--levels '1,x': must be comma-separated ints"),
     flag("levels", "0", r"--levels '0': every value must be a finite number >= 1"),

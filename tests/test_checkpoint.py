@@ -138,6 +138,8 @@ def test_eval_only_files_are_named_after_the_checkpoint_wherever_the_command_run
     assert eval_only_path("out", str(tmp_path / "a_ckpt.pt")) != here  # names that read alike still differ
     long = eval_only_path("out", str(tmp_path / ("x" * 300)))
     assert len(os.path.basename(long)) < 100
+    budget = eval_only_path("out", str(tmp_path / "a" / "ckpt.pt"), "l1-64")  # evaluated another way: its own file
+    assert budget != here and budget.endswith("_l1-64.json") and budget[:-len("_l1-64.json")] == here[:-5]
 
 
 def test_a_saved_config_missing_a_newer_field_resumes_as_it_ran():
