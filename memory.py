@@ -3,6 +3,7 @@
     estimate_memory(model, batch, seq_len, ...)  analytic bytes per component and the step's peak
     plan_batch(model, budget, rows_per_step, ...) the largest micro-batch (and whether to checkpoint) that fits
     too_big(estimate, device)                     whether that peak can fit in the memory free here
+    generation_bytes(model, rows, seq_len)        a batched KV-cached generation's bytes (RL rollouts)
     shard_model / full_state_dicts / load_optimizer_state / unsharded_copy / grad_sync   FSDP2 for train.py
 
 Ideas it rests on:
@@ -240,6 +241,11 @@ def mib(n):
     return f"{n / MiB:,.0f}" if n >= 10 * MiB else f"{n / MiB:.2g}"
 
 
+def readable(n):
+    """Bytes as '3.2 GiB' or '412 MiB'."""
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / MiB:.0f} MiB"
+
+
 def format_estimate(est):
     """One line: the peak, its phase, and each component, in MiB."""
     parts = [f"{k} {mib(v)}" for k, v in est.items() if k not in ("peak", "peak_phase") and v]
@@ -297,6 +303,17 @@ def apply_plan(cfg, model, world, dtype, verbose=True):
         print(f"memory plan: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation per process, "
               f"checkpointing {ckpt}, chunked loss {'on' if cfg.chunked_loss else 'off'} | {format_estimate(est)}")
     return est
+
+
+def generation_bytes(model, rows, seq_len, dtype="float32"):
+    """Bytes of a batched KV-cached generation of rows x seq_len tokens: the weights and buffers, every layer's
+    keys and values (model.KVCache, in the activation dtype) and the last position's fp32 logits and
+    probabilities for every row."""
+    c = model.config
+    s = 2 if dtype == "bfloat16" else 4
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    return weights + 2 * c.n_layer * rows * seq_len * c.kv_heads * c.head_size * s + 2 * rows * c.vocab_size * 4
 
 
 def free_bytes(device):

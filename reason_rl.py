@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import memory
 import runtime
 from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
                         nothing_left, refuse_changes, refuse_existing, refuse_overwriting_source, resume_config,
@@ -411,12 +412,28 @@ def run(cfg, explicit, start_eval=None):
         atomic_write(eval_only_path(cfg.out_dir, cfg.init_from, how), lambda f: json.dump(e, f, indent=1), "w")
         return e
     training_levels(cfg, policy.data.task)  # (checked before the out_dir is taken)
+    refuse_what_cannot_fit(policy, cfg, env)
     with run_lock(cfg.out_dir):
         if not cfg.resume:
             refuse_existing(cfg.out_dir, cfg.overwrite)  # again: a run may have ended here since the first check
         if cfg.overwrite and not cfg.resume:
             clear_run(cfg.out_dir)  # only now: the policy and its data have loaded
         return train_and_finish(policy, cfg, env, start_eval)
+
+
+def refuse_what_cannot_fit(policy, cfg, env):
+    """Rollouts (every prompt's group decoded at once) or an update that cannot fit in this machine's memory are
+    refused before the run starts, instead of being killed by the system."""
+    model, rows = policy.model, cfg.prompts_per_step * cfg.group_size
+    T = model.config.block_size
+    rollouts = memory.generation_bytes(model, rows, T, env.dtype)
+    step = memory.estimate_memory(model, min(cfg.micro_batch, rows), T, optim=cfg.optim, dtype=env.dtype)["peak"]
+    over = memory.too_big({"peak": max(rollouts, step) * (2 if cfg.kl_coef else 1)}, env.device)
+    if over:
+        needed, free = map(memory.readable, over)
+        raise UserError(f"--prompts_per_step {cfg.prompts_per_step} x --group_size {cfg.group_size} (--micro_batch "
+                        f"{cfg.micro_batch}): a step needs about {needed}, more than the {free} free here: lower "
+                        f"--prompts_per_step or --group_size (or --micro_batch)")
 
 
 def train_and_finish(policy, cfg, env, start_eval=None):

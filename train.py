@@ -197,7 +197,7 @@ def refuse_what_cannot_fit(cfg, env, estimate):
     procs = 1 if env.device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     over = memory.too_big(estimate, env.device, procs)
     if over:
-        needed, free = (f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.0f} MiB" for b in over)
+        needed, free = map(memory.readable, over)
         where = f"{procs} processes' steps need" if procs > 1 else "a step needs"
         raise UserError(f"--batch_size {cfg.batch_size} x --block_size {cfg.block_size}: {where} about {needed} "
                         f"at the peak, more than the {free} free here: lower --batch_size (keep the rows per "

@@ -21,6 +21,11 @@ def _bad_rl_config(w):
     ck["config"]["temperature"] = -1.0
     torch.save(ck, path)
 
+def _oom(*args, **kwargs):
+    import torch
+    raise torch.OutOfMemoryError("CUDA out of memory")
+
+
 BASE = ["--init_from", "run/ckpt.pt", "--out_dir", "new_rl", "--steps", "2", "--prompts_per_step", "2",
         "--group_size", "2", "--eval_problems", "2", "--threads", "1"]
 
@@ -138,4 +143,14 @@ CASES += [
     flag("l1_targets", ",", r"--length_reward l1 needs --l1_targets", "--length_reward", "l1"),
     Case("rl-resume-lr", "rl", RESUME + ["--lr", "0.1"], r"--lr 0.1 differs from the run being resumed"),
     Case("rl-resume-weight-decay", "rl", RESUME + ["--weight_decay", "0.5"], r"--weight_decay 0.5 differs"),
+]
+
+# rollouts or an update that cannot fit in memory are refused before the run starts
+CASES += [
+    flag("prompts_per_step", 10 ** 8, r"--prompts_per_step 100000000 x --group_size 2 \(--micro_batch 64\): a step "
+         r"needs about [\d.]+ GiB, more than the [\d.]+ GiB free here: lower --prompts_per_step"),
+    Case("rl-step-cannot-fit-small-machine", "rl", BASE, r"a step needs about \d+ MiB, more than the 0 MiB free",
+         patch={"memory.free_bytes": lambda device: 2 ** 16}),
+    Case("rl-out-of-memory", "rl", BASE, r"out of memory \(CUDA out of memory\)",
+         patch={"reason_rl.rollout": _oom}, leaves=r"^new_rl/(\.lock|metrics\.jsonl)$"),
 ]
