@@ -151,11 +151,13 @@ def styles_by_level(samples):
 
 # what runs saved before these fields existed did (a resumed run continues as it was)
 BEFORE_THEY_EXISTED = dict(resample_rounds=0)
-# what a resumed run keeps: where it started, its objective, its batches and its optimizer
+# what a resumed run keeps: where it started, its objective, its batches, its optimizer (Adam's state keeps the
+# lr) and its evaluation (the end is compared with the start's, which was saved)
 FIXED_ON_RESUME = ("init_from", "levels", "prompts_per_step", "group_size", "temperature", "top_k",
                    "max_new_tokens", "truncated", "advantage", "norm", "epochs", "kl_coef", "optim",
                    "length_reward", "alpha", "solve_threshold", "penalty_warmup", "l1_targets", "gfpo_keep",
-                   "gfpo_metric", "laser_coverage", "resample_rounds", "lr", "weight_decay")  # (Adam's state keeps lr)
+                   "gfpo_metric", "laser_coverage", "resample_rounds", "lr", "weight_decay", "eval_problems",
+                   "l1_eval_target")
 
 
 def sweep_runs(cfg):

@@ -143,6 +143,7 @@ CASES += [
     flag("l1_targets", ",", r"--length_reward l1 needs --l1_targets", "--length_reward", "l1"),
     Case("rl-resume-lr", "rl", RESUME + ["--lr", "0.1"], r"--lr 0.1 differs from the run being resumed"),
     Case("rl-resume-weight-decay", "rl", RESUME + ["--weight_decay", "0.5"], r"--weight_decay 0.5 differs"),
+    Case("rl-resume-eval-problems", "rl", RESUME + ["--eval_problems", "3"], r"--eval_problems 3 differs"),
 ]
 
 # rollouts or an update that cannot fit in memory are refused before the run starts
