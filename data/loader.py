@@ -225,6 +225,16 @@ def dataset_dir(name):
     return name if os.path.isabs(name) or os.sep in name else os.path.join(DATA_ROOT, name)
 
 
+def put_back_set_aside(d):
+    """A dataset that data/prepare.py set aside and did not get to replace (killed between its two renames) goes
+    back in place, so it opens as it was; where the folder cannot be written it stays as it is."""
+    from data.prepare import recover
+    try:
+        recover(os.path.realpath(d))
+    except OSError:
+        pass
+
+
 def open_dataset(name, build_default=True):
     """Open a dataset by name or path. The built-in default corpus is generated first when it is missing or was
     made by another version of data/tasks.py (build_default: only one process of a job should build it)."""
@@ -232,6 +242,8 @@ def open_dataset(name, build_default=True):
     from data.tasks import task_from_meta
     from data.tokenizer import load_tokenizer
     d = dataset_dir(name)
+    if not os.path.exists(d):
+        put_back_set_aside(d)
     if name == DEFAULT_DATASET and build_default:
         ensure_default_corpus(d)
     if d != name and not os.path.exists(d) and os.path.isdir(name):

@@ -362,6 +362,18 @@ def test_a_dataset_set_aside_by_a_killed_swap_is_put_back(tiny, tmp_path):
     assert files_of(str(tmp_path / "copy")) == files_of(tiny)
 
 
+def test_a_dataset_set_aside_by_a_killed_swap_opens_as_it_was(tiny, tmp_path):
+    aside = tmp_path / f".copy.old-{dead_pid()}"
+    shutil.copytree(tiny, aside)
+    data = open_dataset(str(tmp_path / "copy"), build_default=False)  # no prepare run in between
+    assert data.meta == load_meta(tiny) and sorted(os.listdir(tmp_path)) == ["copy"]
+    live = tmp_path / f".live.old-{os.getpid()}"  # a writer still at work: left to it
+    shutil.copytree(tiny, live)
+    with pytest.raises(DataError):
+        open_dataset(str(tmp_path / "live"), build_default=False)
+    assert live.exists()
+
+
 def test_other_settings_need_overwrite_and_a_foreign_folder_is_never_replaced(tiny, tmp_path):
     d = copy_of(tiny, tmp_path)
     before = files_of(d)
