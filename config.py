@@ -447,10 +447,11 @@ def parse_config(cls, argv):
 def usage(cls, program):
     """--help: every field with its default and the comment written beside it in the dataclass."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            comments[name] = rest.split("#", 1)[1].strip()
+    for klass in reversed([k for k in cls.__mro__ if "__dataclass_fields__" in vars(k)]):  # a subclass's win
+        for line in inspect.getsource(klass).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if "#" in rest and name.isidentifier():
+                comments[name] = rest.split("#", 1)[1].strip()
     words = f" [{cls.POSITIONAL} ...]" if getattr(cls, "POSITIONAL", None) else ""
     lines = [f"usage: python {program}{words} [--config FILE.toml] [--name value ...]", ""]
     for f in fields(cls):

@@ -372,17 +372,14 @@ _SUB = subtraction_task()
 
 @dataclass
 class SubtractionFlags(ReasoningFlags):
+    """ReasoningFlags with the subtraction task's defaults (the other fields are inherited as they are)."""
     out: str = arg(os.path.join(DATA_ROOT, "subtraction"), check=_given)  # the dataset's folder
-    tokenizer: str = arg("bytes", check=_tokenizer("bytes", "gpt2"))  # bytes, gpt2 or hf:DIR (a model folder)
-    overwrite: bool = False         # replace a dataset made at --out with other settings
     levels: tuple = arg(_SUB.levels, check=_levels)  # 5: two digits, 6: three digits (1-4: addition)
     level_weights: tuple = arg(_SUB.level_weights, check=_weights(True))  # how often each level is drawn
     style_mix: tuple = arg(_SUB.style_mix, check=_weights(False))  # direct,minimal,verbose (or 3 per level)
-    lsd_first: bool = _SUB.lsd_first  # working from the least-significant column (false: from the left)
     train_examples: int = arg(_SUB.train_examples, min=1)
     val_examples: int = arg(_SUB.val_examples, min=1)
     test_per_level: int = arg(_SUB.test_per_level, min=1)  # held-out problems evaluation draws per level
-    seed: int = _SUB.seed           # the corpus is the same bytes on every machine for one seed
 
 
 @dataclass
