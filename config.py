@@ -267,7 +267,8 @@ class RLConfig(Checked):
     group_size: int = arg(8, min=2)  # samples per prompt (advantages compare samples within a group)
     temperature: float = arg(1.0, above=0)  # rollouts are sampled
     top_k: int = arg(0, min=0)      # 0: off
-    max_new_tokens: int = arg(0, min=0)  # 0: whatever the model's block_size leaves after the longest prompt
+    max_new_tokens: int = arg(0, min=0, check=lambda v: None if v == 0 or v >= 8 else
+                              "too few tokens to answer in: give at least 8, or 0")  # 0: what block_size leaves
     truncated: str = arg("zero", choices=("zero", "mask"))  # zero: reward 0 | mask: left out of the loss
     levels: str = arg("", check=_numbers(int, 1, unique=True))  # training prompts' levels, e.g. 1,2,3 ("": all)
     # loss
@@ -499,14 +500,14 @@ def cli(cls, entry, argv=None):
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA), a failed CPU allocation
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory ({_first_line(e)}): use smaller batches (see --help for the size flags); "
-              f"files saved before are intact", file=sys.stderr)
+        print(f"error: out of memory ({_first_line(e)}): smaller batches or sequences need less; files saved "
+              f"before are intact", file=sys.stderr)
         sys.exit(1)
 
 
 def out_of_memory(e):
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
-        "can't allocate memory" in str(e)
+        any(words in str(e) for words in ("can't allocate memory", "MPS backend out of memory"))
 
 
 def _first_line(e):

@@ -311,15 +311,19 @@ def generation_bytes(model, rows, seq_len, dtype="float32"):
     probabilities for every row."""
     c = model.config
     s = 2 if dtype == "bfloat16" else 4
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
-    return weights + 2 * c.n_layer * rows * seq_len * c.kv_heads * c.head_size * s + 2 * rows * c.vocab_size * 4
+    return weight_bytes(model) + 2 * c.n_layer * rows * seq_len * c.kv_heads * c.head_size * s + \
+        2 * rows * c.vocab_size * 4
 
 
-def free_bytes(device):
-    """Bytes a training step here may still take, counting what this process holds already: on CUDA the device's
-    free memory plus torch's reserve; on CPU (Linux) available memory and free swap, within the cgroup's limit,
-    plus this process's resident set. None where it cannot be read."""
+def weight_bytes(model):
+    """The model's parameters and buffers (a frozen 4-bit base's codes and scales), in bytes."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def free_bytes(device, procs=1):
+    """Bytes `procs` processes like this one may take for a step, counting what they hold already: on CUDA the
+    device's free memory plus torch's reserve; on CPU (Linux) available memory and free swap, within the cgroup's
+    limit, plus the resident set of this process (taken as every process's). None where it cannot be read."""
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device)
@@ -330,15 +334,19 @@ def free_bytes(device):
         held = int(_status_mb("VmRSS") * MiB)
     except (OSError, KeyError, ValueError, IndexError, StopIteration):
         return None
-    return min(room, _cgroup_room() or room) + held
+    limited = _cgroup_room()
+    return min(room, limited if limited is not None else room) + held * procs
 
 
 def _cgroup_room():
-    """What the container's memory limit (cgroup v2) still allows, or None without one."""
+    """What the container's memory limit (cgroup v2) still allows, page cache the kernel can drop counted as
+    free (as `docker stats` counts it), or None without a limit."""
     try:
         with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
             limit, used = f.read().strip(), int(g.read())
-        return None if limit == "max" else max(0, int(limit) - used)
+        with open("/sys/fs/cgroup/memory.stat") as f:
+            stat = dict(line.split() for line in f if len(line.split()) == 2)
+        return None if limit == "max" else max(0, int(limit) - used + int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):
         return None
 
@@ -346,7 +354,7 @@ def _cgroup_room():
 def too_big(est, device, procs=1):
     """(needed, free) in bytes when `procs` processes of this step's estimated peak cannot fit in what is free here
     even allowing for FIT_SLACK; None when they fit or the free memory is unknown."""
-    free = free_bytes(device)
+    free = free_bytes(device, procs)
     needed = est["peak"] * procs
     return (needed, free) if free is not None and needed > free * FIT_SLACK else None
 

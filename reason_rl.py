@@ -195,6 +195,7 @@ class Policy:
     data: object        # data.loader.Dataset: tokenizer and task
     max_new: int        # tokens a rollout may generate
     targets: list       # l1: the target lengths written in training prompts (else None)
+    longest: int = 0    # tokens of the longest prompt (a rollout is at most longest + max_new long)
 
 
 def load_policy(path, cfg, env):
@@ -210,13 +211,10 @@ def load_policy(path, cfg, env):
     longest = longest_prompt(data.tok, data.task, budget=max(targets) if targets else None)
     room = model.config.block_size - longest - 2
     max_new = min(cfg.max_new_tokens, room) if cfg.max_new_tokens else room
-    if max_new < 8 and max_new == cfg.max_new_tokens:
-        raise UserError(f"--max_new_tokens {max_new} leaves too few tokens to answer in: give at least 8, or 0 for "
-                        f"all that the model's block_size leaves ({room})")
     if max_new < 8:
         raise UserError(f"the model's block_size {model.config.block_size} leaves {max_new} tokens to answer in "
                         f"after the longest prompt ({longest} tokens)")
-    return Policy(model.to(env.device), ck, data, max_new, targets)
+    return Policy(model.to(env.device), ck, data, max_new, targets, longest + 1)  # (+ bos)
 
 
 def evaluate(policy, cfg, env):
@@ -427,10 +425,13 @@ def refuse_what_cannot_fit(policy, cfg, env):
     """Rollouts (every prompt's group decoded at once) or an update that cannot fit in this machine's memory are
     refused before the run starts, instead of being killed by the system."""
     model, rows = policy.model, cfg.prompts_per_step * cfg.group_size
-    T = model.config.block_size
-    rollouts = memory.generation_bytes(model, rows, T, env.dtype)
-    step = memory.estimate_memory(model, min(cfg.micro_batch, rows), T, optim=cfg.optim, dtype=env.dtype)["peak"]
-    over = memory.too_big({"peak": max(rollouts, step) * (2 if cfg.kl_coef else 1)}, env.device)
+    T = min(model.config.block_size, policy.longest + policy.max_new)  # the longest a rollout can be
+    micro = min(cfg.micro_batch, rows)
+    step = memory.estimate_memory(model, micro, T, optim=cfg.optim, dtype=env.dtype, grad_accum=-(-rows // micro))
+    # later steps' rollouts run beside the optimizer's state and the gradients' memory
+    rollouts = memory.generation_bytes(model, rows, T, env.dtype) + step["optimizer"] + step["grads"]
+    ref = memory.weight_bytes(model) if cfg.kl_coef else 0  # the frozen reference copy
+    over = memory.too_big({"peak": max(rollouts, step["peak"]) + ref}, env.device)
     if over:
         needed, free = map(memory.readable, over)
         raise UserError(f"--prompts_per_step {cfg.prompts_per_step} x --group_size {cfg.group_size} (--micro_batch "

@@ -230,7 +230,7 @@ def put_back_set_aside(d):
     back in place, so it opens as it was; where the folder cannot be written it stays as it is."""
     from data.prepare import recover
     try:
-        recover(os.path.realpath(d))
+        recover(os.path.realpath(d), tidy=False)
     except OSError:
         pass
 

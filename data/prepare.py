@@ -162,9 +162,10 @@ def _siblings(out_dir):
             re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(\d+)"))
 
 
-def recover(out_dir):
+def recover(out_dir, tidy=True):
     """Tidy what killed runs of this writer left next to out_dir: a set-aside old dataset goes back in place when
-    the swap did not finish; half-built folders are removed."""
+    the swap did not finish; half-built folders are removed (tidy, which only a writer does: a reader leaves
+    them to it)."""
     parent = os.path.dirname(out_dir)
     pattern = _siblings(out_dir)[2]
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
@@ -174,7 +175,7 @@ def recover(out_dir):
         path = os.path.join(parent, entry)
         if m[1] == "old" and not os.path.lexists(out_dir):
             os.rename(path, out_dir)  # killed between the two renames: the old dataset is the complete one
-        else:
+        elif tidy:
             shutil.rmtree(path, ignore_errors=True)
     fsync_dir(parent)
 
@@ -380,6 +381,8 @@ class SubtractionFlags(ReasoningFlags):
     train_examples: int = arg(_SUB.train_examples, min=1)
     val_examples: int = arg(_SUB.val_examples, min=1)
     test_per_level: int = arg(_SUB.test_per_level, min=1)  # held-out problems evaluation draws per level
+    lsd_first: bool = _SUB.lsd_first
+    seed: int = _SUB.seed
 
 
 @dataclass

@@ -45,7 +45,7 @@ CASES = [
     flag("prompts_per_step", 0, r"--prompts_per_step must be >= 1"),
     flag("group_size", 1, r"--group_size must be >= 2"),
     flag("max_new_tokens", -4, r"--max_new_tokens must be >= 0"),
-    flag("max_new_tokens", 4, r"--max_new_tokens 4 leaves too few tokens to answer in: give at least 8"),
+    flag("max_new_tokens", 4, r"--max_new_tokens 4: too few tokens to answer in: give at least 8, or 0"),
     flag("truncated", "drop", r"--truncated must be one of zero, mask"),
     flag("levels", "1,x", r"--levels '1,x': must be comma-separated ints"),
     flag("levels", "0", r"--levels '0': every value must be a finite number >= 1"),
@@ -151,7 +151,7 @@ CASES += [
     flag("prompts_per_step", 10 ** 8, r"--prompts_per_step 100000000 x --group_size 2 \(--micro_batch 64\): a step "
          r"needs about [\d.]+ GiB, more than the [\d.]+ GiB free here: lower --prompts_per_step"),
     Case("rl-step-cannot-fit-small-machine", "rl", BASE, r"a step needs about \d+ MiB, more than the 0 MiB free",
-         patch={"memory.free_bytes": lambda device: 2 ** 16}),
+         patch={"memory.free_bytes": lambda device, procs=1: 2 ** 16}),
     Case("rl-out-of-memory", "rl", BASE, r"out of memory \(CUDA out of memory\)",
          patch={"reason_rl.rollout": _oom}, leaves=r"^new_rl/(\.lock|metrics\.jsonl)$"),
 ]

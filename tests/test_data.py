@@ -365,13 +365,20 @@ def test_a_dataset_set_aside_by_a_killed_swap_is_put_back(tiny, tmp_path):
 def test_a_dataset_set_aside_by_a_killed_swap_opens_as_it_was(tiny, tmp_path):
     aside = tmp_path / f".copy.old-{dead_pid()}"
     shutil.copytree(tiny, aside)
+    half = tmp_path / f".copy.tmp-{dead_pid()}"
+    half.mkdir()
     data = open_dataset(str(tmp_path / "copy"), build_default=False)  # no prepare run in between
-    assert data.meta == load_meta(tiny) and sorted(os.listdir(tmp_path)) == ["copy"]
-    live = tmp_path / f".live.old-{os.getpid()}"  # a writer still at work: left to it
-    shutil.copytree(tiny, live)
-    with pytest.raises(DataError):
-        open_dataset(str(tmp_path / "live"), build_default=False)
-    assert live.exists()
+    assert data.meta == load_meta(tiny) and sorted(os.listdir(tmp_path)) == [half.name, "copy"]  # (a reader
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # leaves half-built ones)
+    try:
+        live = tmp_path / f".live.old-{writer.pid}"  # a writer still at work: left to it
+        shutil.copytree(tiny, live)
+        with pytest.raises(DataError):
+            open_dataset(str(tmp_path / "live"), build_default=False)
+        assert live.exists()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_other_settings_need_overwrite_and_a_foreign_folder_is_never_replaced(tiny, tmp_path):

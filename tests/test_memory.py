@@ -270,11 +270,13 @@ def test_free_memory_is_read_and_a_step_beyond_it_is_told_apart(monkeypatch):
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     rss = memory._status_mb("VmRSS") * memory.MiB
     assert 0 < free <= info["MemTotal"] + info.get("SwapTotal", 0) + 2 * rss
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    # two processes like this one: each one's resident set counts as what it can give to its step
+    assert abs(memory.free_bytes("cpu", procs=2) - free - rss) < 0.5 * rss + 256 * memory.MiB
+    monkeypatch.setattr(memory, "free_bytes", lambda device, procs=1: 1000)
     assert memory.too_big({"peak": 1100}, "cpu") is None  # within FIT_SLACK: tried, not refused
     assert memory.too_big({"peak": 1200}, "cpu") == (1200, 1000)
     assert memory.too_big({"peak": 600}, "cpu", procs=2) == (1200, 1000)  # processes on one machine add up
-    monkeypatch.setattr(memory, "free_bytes", lambda device: None)
+    monkeypatch.setattr(memory, "free_bytes", lambda device, procs=1: None)
     assert memory.too_big({"peak": 10 ** 15}, "cpu") is None  # unknown: not refused
 
 

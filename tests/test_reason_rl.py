@@ -318,3 +318,23 @@ def test_rl_on_a_qlora_checkpoint_with_adamw8bit_then_merge_and_requantize(every
     merged, _ = load_model(str(tmp_path / "merged" / "ckpt.pt"))
     assert not any("lora_" in k for k in merged.state_dict())
     assert any(k.endswith("packed") for k in merged.state_dict())  # requantized to packed 4-bit weights
+
+
+def test_the_memory_check_counts_rollouts_as_long_as_they_can_be_and_one_reference_copy(tiny_ckpt, monkeypatch):
+    import memory
+    import runtime
+    seen = []
+    monkeypatch.setattr(memory, "too_big", lambda est, device, procs=1: seen.append(est["peak"]))
+    env = runtime.setup("cpu", "float32", 1, 0, distributed=False)
+
+    def needed(*flags):
+        cfg, _ = parse_config(rl.RLConfig, ["--init_from", tiny_ckpt, "--prompts_per_step", "64", *flags])
+        policy = rl.load_policy(tiny_ckpt, cfg, env)
+        rl.refuse_what_cannot_fit(policy, cfg, env)
+        return seen[-1], policy
+    whole, policy = needed()
+    capped, capped_policy = needed("--max_new_tokens", "8")
+    assert policy.longest + policy.max_new == policy.model.config.block_size - 1
+    assert capped < whole  # rows of longest prompt + 8 tokens, not of block_size
+    with_ref, _ = needed("--kl_coef", "0.1")
+    assert with_ref - whole == memory.weight_bytes(policy.model)  # the frozen copy: its weights, nothing more
