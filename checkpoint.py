@@ -8,6 +8,7 @@
     refuse_changes(saved, cfg, explicit, fixed, path)   a resumed run trains what it trained
     run_lock(out_dir)                      one run at a time writes to a folder
     clear_run(out_dir)                     --overwrite: the old run's files go, once the new run's inputs are good
+    data_marks(data) / check_data(...)     the data a checkpoint was trained on, and a check against it
     eval_only_path(out_dir, source)        where an evaluation-only run writes, never over another run's results
     nothing_left(out_dir, step, ...)       a resume of a finished run says so and does nothing
 
@@ -249,6 +250,34 @@ def nothing_left(out_dir, step, last, end, record, flag):
         print(f"{out_dir}/ckpt.pt is at step {step} and this run ends at step {last}: nothing to do "
               f"({flag} N, beyond {step}, trains further)")
     return done
+
+
+# a text whose token ids tell tokenizers apart (digits, signs, letters, the corpus's tags and answer line)
+PROBE = "0123456789 +-=*/ abcxyz ABCXYZ the a\nanswer: 42\n[direct] [minimal] [verbose] é 中"
+
+
+def data_marks(data):
+    """What a checkpoint records of the data it was trained on (a data.loader.Dataset): the tokenizer's ids for
+    PROBE, and a digest of the dataset's meta.json."""
+    return dict(probe=data.tok.encode(PROBE), n_vocab=data.tok.n_vocab, meta=_digest(data.meta))
+
+
+def _digest(meta):
+    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def check_data(ckpt, data, path, resume=False):
+    """A checkpoint goes on only with data in its own tokens, and a resume only on the very dataset it was
+    saved with (a rebuilt one changes what the next steps see). Checkpoints from before the marks pass."""
+    marks = ckpt.get("data_marks") if ckpt else None
+    if not marks:
+        return
+    if marks["probe"] != data.tok.encode(PROBE) or marks["n_vocab"] != data.tok.n_vocab:
+        raise UserError(f"{path} was trained on text in other tokens than {data.dir}'s ({data.tok.name}, "
+                        f"{data.tok.n_vocab} tokens): give a dataset made with the checkpoint's tokenizer")
+    if resume and marks["meta"] != _digest(data.meta):
+        raise UserError(f"{data.dir} has changed since {path} was saved (its meta.json differs): --resume needs "
+                        f"the data the run trained on; rebuild it as it was, or start a new run with --init_from")
 
 
 def eval_only_path(out_dir, source, how=""):

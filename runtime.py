@@ -109,7 +109,7 @@ def setup(device="auto", dtype="auto", threads=0, seed=0, distributed=True, lega
         raise UserError(f"--threads must be 0 (torch's default) or more, not {threads}")
     if threads:
         torch.set_num_threads(threads)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = launcher_env(distributed)
     dev = pick_device(device, local_rank)
     dtype = resolve_dtype(dev, dtype)  # checked before a process group exists
     if legacy_auto and dev == "cpu":
@@ -119,6 +119,24 @@ def setup(device="auto", dtype="auto", threads=0, seed=0, distributed=True, lega
         rank, world = init_process_group(dev)
     seed_everything(seed + rank)
     return Env(dev, dtype, rank, world, local_rank)
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(distributed):
+    """LOCAL_RANK, after checking the variables torchrun sets: a process started by hand with some of them (a
+    leftover RANK in the shell) gets one line instead of a failed rendezvous."""
+    env = {k: os.environ[k] for k in LAUNCH_VARS if k in os.environ}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if k in env and not env[k].strip().isdigit():
+            raise UserError(f"the environment variable {k}={env[k]!r} is not a number: launch with torchrun, or "
+                            f"unset {k}")
+    missing = [k for k in LAUNCH_VARS if k not in env and k != "LOCAL_RANK"]
+    if distributed and "RANK" in env and missing:
+        raise UserError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: launch "
+                        f"with torchrun (torchrun --nproc_per_node 2 ...), or unset RANK for one process")
+    return int(env.get("LOCAL_RANK", 0))
 
 
 def init_process_group(device):

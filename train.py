@@ -25,9 +25,9 @@ import lora
 import memory
 import quant
 import runtime
-from checkpoint import (check_out_dir, checked_model_config, clear_run, eval_only_path, load_checkpoint, load_model,
-                        model_from_checkpoint, model_state, nothing_left, refuse_changes, refuse_existing,
-                        refuse_overwriting_source, resume_config, run_lock, save_checkpoint)
+from checkpoint import (check_data, check_out_dir, checked_model_config, clear_run, data_marks, eval_only_path,
+                        load_checkpoint, load_model, model_from_checkpoint, model_state, nothing_left, refuse_changes,
+                        refuse_existing, refuse_overwriting_source, resume_config, run_lock, save_checkpoint)
 from config import TrainConfig, UserError, cli
 from data.loader import dataset_dir, make_batches, open_dataset
 from data.tasks import STYLES, longest_prompt
@@ -40,7 +40,23 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "rope_heads", "gelu", "block_size
 FIXED_ON_RESUME = MODEL_FIELDS + ("dropout", "dataset", "qat", "qat_start", "ptq", "ptq_spec", "lora_rank",
                                   "lora_alpha", "lora_dropout", "lora_base", "lora_targets", "loftq",
                                   "loftq_iters", "loftq_split", "lora_merge", "optim", "beta1", "beta2",
-                                  "weight_decay")  # (the optimizer's saved state keeps its weight decay)
+                                  "weight_decay", "seed")  # (the optimizer's state keeps its weight decay; the
+# saved RNG states replace the seed)
+# flags only training reads: an evaluation (--eval_only) or a PTQ run would silently ignore them
+TRAINING_ONLY = ("max_iters", "stop_after", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
+                 "grad_clip", "optim", "grad_accum", "grad_ckpt", "grad_ckpt_every", "chunked_loss", "fsdp",
+                 "memory_budget", "plan", "log_interval", "eval_interval", "eval_problems", "dropout", "compile",
+                 "qat", "qat_start", "lora_rank", "loftq")
+LORA_SETTINGS = ("lora_alpha", "lora_dropout", "lora_base", "lora_targets", "loftq_iters", "loftq_split")
+# (flags, when they would do nothing, why): given explicitly in that case, they are refused
+IDLE_FLAGS = (
+    (TRAINING_ONLY + ("ptq", "ptq_spec", "ptq_batches", "overwrite"), lambda c: c.eval_only,
+     "--eval_only evaluates the checkpoint as it is"),
+    (TRAINING_ONLY, lambda c: c.ptq, "--ptq quantizes and evaluates, without training"),
+    (LORA_SETTINGS, lambda c: not c.lora_rank, "new LoRA adapters need --lora_rank R"),
+    (("ptq_batches",), lambda c: c.ptq != "gptq", "only --ptq gptq calibrates"),
+    (("grad_ckpt_every",), lambda c: not (c.grad_ckpt or c.memory_budget), "blocks are checkpointed only with --grad_ckpt (or a --memory_budget plan)"),
+)
 
 
 # ----------------------------------------------------------------------------- what the run starts from
@@ -70,7 +86,9 @@ def starting_point(cfg, explicit):
         if {"lr", "min_lr"} & explicit:
             schedule_floor(cfg, explicit | {"min_lr"})
         sync_model_fields(cfg, explicit, checked_model_config(ckpt, path), path)
+        refuse_idle_flags(cfg, explicit)
         return cfg, ckpt, None, legacy
+    refuse_idle_flags(cfg, explicit)
     schedule_floor(cfg, explicit)
     path = cfg.init_from or (os.path.join(cfg.out_dir, "ckpt.pt") if cfg.eval_only else "")
     if not path:
@@ -80,6 +98,7 @@ def starting_point(cfg, explicit):
         ckpt, model = None, load_model(path, cfg.dropout)[0]
     else:
         ckpt, model = load_checkpoint(path), None
+        refuse_requantizing(cfg, ckpt, path)
         if "dataset" not in explicit and ckpt.get("dataset"):
             cfg.dataset = ckpt["dataset"]  # evaluate or fine-tune on the data the checkpoint was trained on
     sync_model_fields(cfg, explicit, model.config if model else checked_model_config(ckpt, path), path)
@@ -88,6 +107,35 @@ def starting_point(cfg, explicit):
         if cfg.overwrite:
             refuse_overwriting_source(cfg.out_dir, path)
     return cfg, ckpt, model, False
+
+
+def refuse_idle_flags(cfg, explicit):
+    """An explicit flag this run would not read is refused rather than ignored."""
+    for names, idle, why in IDLE_FLAGS:
+        if idle(cfg):
+            given = [f"--{k}" for k in names if k in explicit]
+            if given:
+                raise UserError(f"{', '.join(given)} would do nothing here: {why}; drop "
+                                f"{'it' if len(given) == 1 else 'them'}")
+
+
+def refuse_requantizing(cfg, ckpt, path):
+    """--qat, --ptq and --lora_rank start from a float model; a checkpoint that is quantized or holds adapters
+    would be trained or saved as it is, under a config that says otherwise."""
+    q, a = (d if isinstance(d, dict) else None for d in (ckpt.get("quant"), ckpt.get("lora")))
+    if not (q or a):
+        return  # (a malformed entry is reported when the model is built)
+    held = f"quantized ({q.get('spec')})" if q else \
+        f"LoRA adapters (rank {a.get('rank')}) over a {a.get('base')} base"
+    if cfg.qat and (q or a):
+        raise UserError(f"--qat {cfg.qat}: {path} is already {held}; start QAT from a float checkpoint")
+    if cfg.ptq and q:
+        raise UserError(f"--ptq: {path} is already {held}; quantize its float checkpoint instead")
+    if cfg.ptq and a and not cfg.lora_merge:
+        raise UserError(f"--ptq: {path} holds {held}; add --lora_merge to fold them into float weights first")
+    if cfg.lora_rank and a:
+        raise UserError(f"--lora_rank {cfg.lora_rank}: {path} already holds {held}; drop the --lora_* flags to "
+                        f"train them on, or --lora_merge them into a float checkpoint first")
 
 
 def schedule_floor(cfg, explicit):
@@ -348,7 +396,7 @@ def save(run):
     if run.env.master:
         state = {**model_state(run.raw), "model": sds[0], "optimizer": sds[1], "step": run.step,
                  "config": asdict(run.cfg), "rng": rngs, "loader": run.loader.state_dict(),
-                 "dataset": run.cfg.dataset}
+                 "dataset": run.cfg.dataset, "data_marks": data_marks(run.data)}
         save_checkpoint(run.ckpt_path, state)
 
 
@@ -397,7 +445,8 @@ def evaluate_converted(model, data, val_tokens, cfg, env, path):
         raise UserError(str(e))
     print(f"converted model: {quant.bits_per_weight(model):.3f} bits per weight in the quantized linear layers")
     result = final_evaluation(model, data, val_tokens, cfg, env, os.path.join(cfg.out_dir, "eval_converted.json"))
-    save_checkpoint(path, {**model_state(model), "config": asdict(cfg), "dataset": cfg.dataset})
+    save_checkpoint(path, {**model_state(model), "config": asdict(cfg), "dataset": cfg.dataset,
+                           "data_marks": data_marks(data)})
     return result
 
 
@@ -417,6 +466,7 @@ def run(cfg, explicit):
     runtime.barrier()
     data = data or open_dataset(cfg.dataset, build_default=False)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    check_data(ckpt, data, source, cfg.resume)
     if model is None:
         model = model_from_checkpoint(ckpt, source, cfg.dropout) if ckpt else new_model(cfg, data)
     model = adapt_model(model, cfg, data, env)

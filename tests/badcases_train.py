@@ -288,6 +288,73 @@ CASES += [
                                                    "1e-4", "--min_lr", "1e-3"], r"--min_lr 0.001 is above --lr"),
 ]
 
+# flags the run would not read: refused, not ignored
+EV = ["--eval_only", "--init_from", "run/ckpt.pt", "--out_dir", "ev", "--threads", "1"]
+PTQ = ["--init_from", "run/ckpt.pt", "--ptq", "rtn", "--ptq_spec", "w4g32", "--out_dir", "q", "--threads", "1"]
+CASES += [
+    Case("train-eval-only-training-flags", "train", EV + ["--lr", "1", "--max_iters", "3"],
+         r"--max_iters, --lr would do nothing here: --eval_only evaluates the checkpoint as it is; drop them"),
+    Case("train-eval-only-ptq", "train", EV + ["--ptq", "rtn", "--ptq_spec", "w4g32"],
+         r"--ptq, --ptq_spec would do nothing here: --eval_only evaluates"),
+    Case("train-eval-only-lora", "train", EV + ["--lora_rank", "4"], r"--lora_rank would do nothing here"),
+    Case("train-eval-only-plan", "train", EV + ["--plan"], r"--plan would do nothing here"),
+    Case("train-ptq-plan", "train", PTQ + ["--plan", "--out_dir", "run"], r"--plan would do nothing here: --ptq "
+         r"quantizes and evaluates, without training; drop it"),
+    Case("train-ptq-training-flags", "train", PTQ + ["--lr", "1e-4", "--max_iters", "9"],
+         r"--max_iters, --lr would do nothing here: --ptq"),
+    Case("train-lora-settings-without-rank", "train", NEW + ["--init_from", "run/ckpt.pt", "--lora_base", "nf4g64",
+                                                             "--lora_alpha", "8"],
+         r"--lora_alpha, --lora_base would do nothing here: new LoRA adapters need --lora_rank R"),
+    Case("train-ptq-batches-rtn", "train", PTQ + ["--ptq_batches", "4"], r"--ptq_batches would do nothing here: "
+         r"only --ptq gptq calibrates"),
+    Case("train-grad-ckpt-every-without-grad-ckpt", "train", NEW + ["--grad_ckpt_every", "2"],
+         r"--grad_ckpt_every would do nothing here: blocks are checkpointed only with --grad_ckpt"),
+    Case("train-resume-seed", "train", ["--resume", "--out_dir", "run", "--max_iters", "8", "--seed", "42"],
+         r"--seed 42 differs from the run being resumed \(1337\)"),
+]
+
+# a process started by hand with some of torchrun's variables
+CASES += [
+    Case("train-env-rank-alone", "train", NEW, r"RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: "
+         r"launch with torchrun", env=dict(RANK="0")),
+    Case("train-env-local-rank-word", "train", NEW, r"LOCAL_RANK='abc' is not a number", env=dict(LOCAL_RANK="abc")),
+]
+
+# a checkpoint that is quantized or holds adapters is not quantized or given adapters again
+QUANTIZED = dict(spec="w4g32", fake_quant=[], converted=["transformer.h.0.attn.c_attn"])
+ADAPTED = dict(rank=4, alpha=16.0, dropout=0.0, base="nf4g64", targets=["transformer.h.0.attn.c_attn"])
+ON_BAD = ["--init_from", "bad/ckpt.pt", "--out_dir", "q", "--threads", "1"]
+PTQ_BAD = ON_BAD + ["--ptq", "rtn", "--ptq_spec", "w4g32"]
+
+
+def _holding(key, desc):
+    return _edit_ckpt(lambda ck: _setitem(ck, [key], desc))
+
+
+CASES += [
+    Case("train-qat-on-quantized", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt is already "
+         r"quantized \(w4g32\); start QAT from a float checkpoint", _holding("quant", QUANTIZED)),
+    Case("train-qat-on-lora", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt is already LoRA "
+         r"adapters \(rank 4\) over a nf4g64 base", _holding("lora", ADAPTED)),
+    Case("train-ptq-on-quantized", "train", PTQ_BAD, r"--ptq: bad/ckpt.pt is already quantized \(w4g32\); "
+         r"quantize its float checkpoint instead", _holding("quant", QUANTIZED)),
+    Case("train-ptq-on-lora", "train", PTQ_BAD, r"--ptq: bad/ckpt.pt holds LoRA adapters \(rank 4\) over a "
+         r"nf4g64 base; add --lora_merge", _holding("lora", ADAPTED)),
+    Case("train-lora-on-lora", "train", ON_BAD + ["--lora_rank", "8"], r"--lora_rank 8: bad/ckpt.pt already "
+         r"holds LoRA adapters \(rank 4\)", _holding("lora", ADAPTED)),
+]
+
+# data in other tokens than the checkpoint's, or a dataset rebuilt under a run
+CASES += [
+    ck_case("other-tokens", lambda ck: _setitem(ck, ["data_marks", "probe"], [1, 2, 3]),
+            r"bad/ckpt.pt was trained on text in other tokens than .*data_tiny's \(bytes, 259 tokens\)"),
+    ck_case("other-tokens", lambda ck: _setitem(ck, ["data_marks", "probe"], [1, 2, 3]),
+            r"was trained on text in other tokens", mode="eval"),
+    Case("train-resume-data-rebuilt", "train", ["--resume", "--out_dir", "bad", "--max_iters", "8"],
+         r"data_tiny has changed since bad/ckpt.pt was saved \(its meta.json differs\)",
+         _edit_ckpt(lambda ck: _setitem(ck, ["data_marks", "meta"], "0" * 40))),
+]
+
 # a step that cannot fit in memory is refused before it starts (not killed by the system half-way)
 CASES += [
     Case("train-batch-cannot-fit", "train", NEW + ["--batch_size", "100000000"],

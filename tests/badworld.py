@@ -31,6 +31,7 @@ class Case:
     setup: object = None    # setup(world_dir): files to make or damage first
     patch: dict = field(default_factory=dict)  # "module.attr" -> a stand-in during the run (faults: Ctrl-C, disk)
     leaves: str = ""        # a pattern for new files the case may leave (a fault after the run began writing)
+    env: dict = field(default_factory=dict)  # environment variables set during the run (e.g. a stray RANK)
 
 
 def _train():

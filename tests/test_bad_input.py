@@ -65,6 +65,8 @@ def test_bad_input(case, world, tmp_path, monkeypatch, capsys):
     before = file_hashes(here)
     for target, stand_in in case.patch.items():
         monkeypatch.setattr(target, stand_in)
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
     argv = [a.format(w=here) for a in case.argv]
     code, err = run_entry(case.entry, argv, capsys)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]

@@ -336,9 +336,9 @@ def test_fake_quant_can_start_later():
 
 # ----------------------------------------------------------------------------- train.py and bench.py
 
-TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
-        "--eval_iters", "2", "--eval_problems", "2", "--final_problems", "1", "--samples", "0",
-        "--log_interval", "2", "--threads", "1", "--warmup_iters", "2"]
+EVAL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
+        "--eval_iters", "2", "--final_problems", "1", "--samples", "0", "--threads", "1"]  # (what PTQ reads too)
+TINY = EVAL + ["--eval_problems", "2", "--log_interval", "2", "--warmup_iters", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +369,8 @@ def test_train_qat_then_converted_checkpoint_evaluates_the_same(float_run):
     assert p.returncode == 0, p.stderr
     assert "bits per weight" in p.stdout
     assert final(d / "qat", "eval.json") == pytest.approx(final(d / "qat", "eval_converted.json"), rel=1e-5)
-    p = run_cli(common[:-2] + ["--eval_only", "--init_from", str(d / "qat" / "converted.pt"),
-                               "--out_dir", str(d / "again")])
+    p = run_cli(EVAL + ["--dataset", str(d / "corpus"), "--eval_only", "--init_from", str(d / "qat" / "converted.pt"),
+                        "--out_dir", str(d / "again")])
     assert p.returncode == 0, p.stderr
     again = os.path.basename(glob.glob(str(d / "again" / "eval_only_qat_converted.pt_*.json"))[0])
     assert final(d / "again", again) == final(d / "qat", "eval_converted.json")
@@ -378,7 +378,7 @@ def test_train_qat_then_converted_checkpoint_evaluates_the_same(float_run):
 
 def test_train_ptq_gptq_saves_a_converted_checkpoint(float_run):
     d = float_run
-    common = TINY + ["--dataset", str(d / "corpus"), "--init_from", str(d / "float" / "ckpt.pt")]
+    common = EVAL + ["--dataset", str(d / "corpus"), "--init_from", str(d / "float" / "ckpt.pt")]
     p = run_cli(common + ["--ptq", "gptq", "--ptq_spec", "w2g32", "--ptq_batches", "2", "--out_dir", str(d / "g")])
     assert p.returncode == 0, p.stderr
     assert final(d / "g", "eval.json") == pytest.approx(final(d / "g", "eval_converted.json"), rel=1e-5)
