@@ -30,7 +30,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +185,79 @@ def _is_number(text):
 
 def parse_list(text, typ=int):
     return [typ(x) for x in text.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- flags that would change nothing
+
+# what --eval_only reads (run, evaluate): the evaluation is greedy, on fixed test problems, up to block_size, so
+# no seed, sampling or token limit; length_reward only as l1, whose --l1_eval_target budget is in every prompt
+EVAL_FLAGS = ("init_from", "out_dir", "eval_only", "eval_problems", "device", "dtype", "threads", "length_reward",
+              "l1_eval_target")
+# the objectives that read each objective-only flag (rewards.group_rewards and score, load_policy, evaluate):
+# none adds no term; gfpo only filters samples, so it has no strength and nothing for a warm-up to ramp up
+OBJECTIVE_FLAGS = dict(alpha=("kimi", "arora", "l1", "adaptthink", "laser"),
+                       solve_threshold=("kimi", "arora", "l1", "gfpo", "adaptthink", "laser"),
+                       penalty_warmup=("kimi", "arora", "l1", "adaptthink", "laser"),
+                       l1_targets=("l1",), l1_eval_target=("l1",), gfpo_keep=("gfpo",), gfpo_metric=("gfpo",),
+                       laser_coverage=("laser",))
+
+
+def refuse_unused(cfg, explicit):
+    """An explicit flag that would change nothing is refused (a default never is): training flags under
+    --eval_only, an objective's flags where no run uses that objective, and what --sweep sets per run."""
+    for problem in unused_flags(cfg, explicit):
+        raise UserError(problem)
+
+
+def unused_flags(cfg, explicit):
+    """The messages for refuse_unused, first the most general."""
+    if cfg.eval_only:
+        yield from _training_only(cfg, explicit)
+    yield from _set_per_run(cfg, explicit)
+    for name, readers in OBJECTIVE_FLAGS.items():
+        if name in explicit and not set(readers) & _objectives_taking(cfg, name):
+            yield f"--{name} applies only to --length_reward {'|'.join(readers)}, " + _instead(cfg, name, explicit)
+
+
+def _instead(cfg, name, explicit):
+    """What the runs use instead, and what to do."""
+    if cfg.sweep:
+        own = " (each of its runs has its own strength)" if not _objectives_taking(cfg, name) else ""
+        return f"and no run of --sweep {cfg.sweep} takes it{own}: drop it (or add such a run to --sweep)"
+    whose = "" if "length_reward" in explicit else " (the run being resumed's)" if cfg.resume else " (the default)"
+    return f"not {cfg.length_reward}{whose}: drop it (or change --length_reward)"
+
+
+def _training_only(cfg, explicit):
+    unused = [f.name for f in fields(cfg) if f.name in explicit and not _evaluation_reads(cfg, f.name)]
+    if unused:
+        yield (f"{', '.join('--' + k for k in unused)} only matter{'s' * (len(unused) == 1)} for training: "
+               f"--eval_only takes --init_from, --out_dir, --eval_problems, --device, --dtype, --threads "
+               f"(and --length_reward l1 --l1_eval_target N for an l1-trained model); drop "
+               f"{'them' if len(unused) > 1 else 'it'}")
+
+
+def _evaluation_reads(cfg, name):
+    return name in EVAL_FLAGS and (name != "length_reward" or cfg.length_reward == "l1")
+
+
+def _set_per_run(cfg, explicit):
+    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]
+    if items and "length_reward" in explicit and not any(_is_number(x) for x in items):
+        yield f"--length_reward: every run of --sweep {cfg.sweep} names its objective; drop --length_reward"
+    if parse_list(cfg.sweep_seeds) and "seed" in explicit:
+        yield f"--seed: --sweep_seeds {cfg.sweep_seeds} gives every run its seed; drop --seed"
+
+
+def _objectives_taking(cfg, name):
+    """The objectives of the runs that take `name` from its flag: every run's, but --alpha only where --sweep
+    names an objective without a strength (none's is 0)."""
+    if not cfg.sweep:
+        return {cfg.length_reward}
+    if name == "alpha":
+        items = {x.strip() for x in cfg.sweep.split(",") if x.strip()}
+        return {x for x in items if not _is_number(x) and ":" not in x and x != "none"}
+    return {objective for objective, _ in sweep_runs(cfg)}
 
 
 @dataclass
@@ -389,6 +462,7 @@ def rl_config(cfg, explicit):
     cfg = resume_config(RLConfig, {**saved["config"], "out_dir": cfg.out_dir, "resume": True, "overwrite": False},
                         cfg, explicit,
                         reset=("stop_after",), source=path, legacy=BEFORE_THEY_EXISTED)
+    refuse_unused(cfg, explicit)  # against the saved objective (refuse_changes kept the flags equal to it)
     for k in ("steps", "stop_after"):
         if k in explicit and 0 < getattr(cfg, k) < saved["step"]:
             raise UserError(f"--{k} {getattr(cfg, k)} is below step {saved['step']}, where {path} already is: "
@@ -396,7 +470,10 @@ def rl_config(cfg, explicit):
     return cfg, legacy, saved["step"]
 
 
-def run(cfg, explicit, start_eval=None):
+def run(cfg, explicit, start_eval=None, checked=False):
+    """One run (checked: one run of a sweep, whose flags were checked against the whole sweep)."""
+    if not (checked or cfg.resume):  # (a resumed run's are checked against its saved config, in rl_config)
+        refuse_unused(cfg, explicit)
     cfg, legacy_dtype, saved_step = rl_config(cfg, explicit)
     if cfg.resume and nothing_left(cfg.out_dir, saved_step, cfg.stop_after or cfg.steps, cfg.steps,
                                    "summary.json", "--steps"):
@@ -486,6 +563,7 @@ def sweep(cfg, explicit):
     """Objectives (or strengths) compared at the same steps, samples and seeds: every run of --sweep once per seed
     of --sweep_seeds; a table (sweep.md, sweep.json) and a Pareto plot of accuracy against mean tokens, one point
     per run, one panel per level and one overall (sweep.svg)."""
+    refuse_unused(cfg, explicit)  # once, for the whole sweep: a flag may apply to only some of its runs
     seeds = parse_list(cfg.sweep_seeds) or [cfg.seed]
     jobs = [(name, a, seed, os.path.join(cfg.out_dir, "sweep", f"{name}_{a:g}" + (f"_s{seed}" if len(seeds) > 1
                                                                                    else "")))
@@ -504,7 +582,7 @@ def sweep(cfg, explicit):
     for (name, a, seed, d), sub in zip(jobs, subs):
         print(f"=== {name} alpha={a:g} seed={seed} -> {d}", flush=True)
         key = sub.l1_eval_target if name == "l1" else None  # l1 evaluates with a budget in its prompts
-        s = run(sub, explicit, start_eval=starts.get(key))
+        s = run(sub, explicit, start_eval=starts.get(key), checked=True)
         starts[key] = starts.get(key) or _load_start(d)
         results.append(dict(length_reward=name, alpha=a, seed=seed, **s["end"], seconds=s["seconds"],
                             start=s["start"]))

@@ -155,3 +155,57 @@ CASES += [
     Case("rl-out-of-memory", "rl", BASE, r"out of memory \(CUDA out of memory\)",
          patch={"reason_rl.rollout": _oom}, leaves=r"^new_rl/(\.lock|metrics\.jsonl)$"),
 ]
+
+# a flag that would change nothing is refused: training flags under --eval_only (an evaluation is greedy, on fixed
+# problems, up to block_size; it reads --length_reward only as l1, for --l1_eval_target's budget) ...
+EVAL = ["--eval_only", "--init_from", "run/ckpt.pt", "--out_dir", "ev", "--eval_problems", "2", "--threads", "1"]
+CASES += [Case(f"rl-eval-only-{name}", "rl", EVAL + argv, expect) for name, argv, expect in [
+    ("training-flags", ["--steps", "100", "--lr", "1", "--length_reward", "kimi", "--levels", "1"],
+     r"--steps, --levels, --lr, --length_reward only matter for training: --eval_only takes --init_from, "
+     r"--out_dir, --eval_problems, --device, --dtype, --threads \(and --length_reward l1 --l1_eval_target N"),
+    ("seed", ["--seed", "3"], r"--seed only matters for training: --eval_only takes"),
+    ("max-new-tokens", ["--max_new_tokens", "16"], r"--max_new_tokens only matters for training"),
+    ("temperature", ["--temperature", "0.5"], r"--temperature only matters for training"),
+    ("overwrite", ["--overwrite"], r"--overwrite only matters for training"),
+    ("length-reward-none", ["--length_reward", "none"], r"--length_reward only matters for training"),
+    ("l1-targets", ["--length_reward", "l1", "--l1_targets", "16"], r"--l1_targets only matters for training"),
+    ("l1-eval-target-without-l1", ["--l1_eval_target", "64"],
+     r"--l1_eval_target applies only to --length_reward l1, not laser \(the default\): drop it"),
+]]
+CASES += [Case("rl-eval-only-toml-steps", "rl", EVAL + ["--config", "e.toml"], r"--steps only matters for training",
+               lambda w: open(os.path.join(w, "e.toml"), "w").write("steps = 5\n"))]
+
+# ... an objective's flags where no run uses that objective (rewards.py: none adds no term, gfpo no strength) ...
+CASES += [
+    flag("laser_coverage", 0.2, r"--laser_coverage applies only to --length_reward laser, not kimi: drop it",
+         "--length_reward", "kimi"),
+    flag("gfpo_keep", 2, r"--gfpo_keep applies only to --length_reward gfpo, not laser \(the default\)"),
+    flag("gfpo_metric", "efficiency", r"--gfpo_metric applies only to --length_reward gfpo, not none",
+         "--length_reward", "none"),
+    flag("l1_targets", "16,32", r"--l1_targets applies only to --length_reward l1, not kimi",
+         "--length_reward", "kimi"),
+    flag("l1_eval_target", 64, r"--l1_eval_target applies only to --length_reward l1, not arora",
+         "--length_reward", "arora"),
+    flag("alpha", 0.3, r"--alpha applies only to --length_reward kimi\|arora\|l1\|adaptthink\|laser, not none",
+         "--length_reward", "none"),
+    flag("alpha", 0.4, r"--alpha applies only to .*, not gfpo", "--length_reward", "gfpo", "--gfpo_keep", "2"),
+    flag("solve_threshold", 0.3, r"--solve_threshold applies only to .*, not none", "--length_reward", "none"),
+    flag("penalty_warmup", 2, r"--penalty_warmup applies only to .*, not gfpo", "--length_reward", "gfpo",
+         "--gfpo_keep", "2"),
+    # under --sweep a flag applies when any of its runs uses the objective
+    flag("laser_coverage", 0.3, r"--laser_coverage applies only to --length_reward laser, and no run of --sweep "
+         r"none,kimi:0.5 takes it", "--sweep", "none,kimi:0.5"),
+    flag("gfpo_keep", 1, r"no run of --sweep 0.25,0.5 takes it",
+         "--sweep", "0.25,0.5", "--length_reward", "kimi"),
+    flag("alpha", 0.2, r"--alpha .* --sweep 0.25,0.5 takes it \(each of its runs has its own strength\)",
+         "--sweep", "0.25,0.5", "--length_reward", "kimi"),
+    flag("alpha", 0.25, r"--alpha .* no run of --sweep none,gfpo takes it", "--sweep", "none,gfpo"),
+    # ... and what --sweep sets per run
+    flag("length_reward", "kimi", r"--length_reward: every run of --sweep none,kimi:0.5 names its objective",
+         "--sweep", "none,kimi:0.5"),
+    flag("seed", 3, r"--seed: --sweep_seeds 1,2 gives every run its seed",
+         "--sweep", "none", "--sweep_seeds", "1,2"),
+    # a resumed run is held to its saved objective (rl/ is a laser run), not to the default
+    Case("rl-resume-unused-gfpo-keep", "rl", RESUME + ["--steps", "4", "--gfpo_keep", "4"],
+         r"--gfpo_keep applies only to --length_reward gfpo, not laser \(the run being resumed's\)"),
+]

@@ -137,6 +137,40 @@ def test_eval_only_prints_the_per_level_table(tiny_ckpt, tmp_path, capsys):
     assert len(glob.glob(str(tmp_path / "e" / "eval_only_*.json"))) == 1
 
 
+@pytest.mark.parametrize("argv", [
+    ["--sweep", "none,kimi:0.5,laser:0.5", "--laser_coverage", "0.2"],  # laser is one of the runs
+    ["--sweep", "0.25,0.5", "--length_reward", "l1", "--l1_targets", "16,32", "--l1_eval_target", "64"],
+    ["--sweep", "none,gfpo:0.5", "--gfpo_keep", "2", "--gfpo_metric", "efficiency", "--solve_threshold", "0.3"],
+    ["--sweep", "none,kimi:0.5,adaptthink", "--alpha", "0.3", "--penalty_warmup", "5", "--sweep_seeds", "1,2"],
+    ["--sweep", "0.5,kimi:0.5", "--length_reward", "laser", "--seed", "7"],  # a bare strength varies it
+    ["--length_reward", "gfpo", "--gfpo_keep", "2", "--solve_threshold", "0.7"],
+    ["--length_reward", "l1", "--alpha", "0.01", "--l1_targets", "16", "--penalty_warmup", "3"],
+    ["--eval_only", "--init_from", "x.pt", "--out_dir", "e", "--eval_problems", "5", "--device", "cpu",
+     "--dtype", "float32", "--threads", "1", "--length_reward", "l1", "--l1_eval_target", "64"],
+])
+def test_flags_that_apply_to_some_run_are_taken(argv):
+    assert list(rl.unused_flags(*parse_config(rl.RLConfig, argv))) == []
+
+
+def test_a_default_is_never_refused():
+    cfg = rl.RLConfig(eval_only=True, length_reward="none", steps=3, seed=5, sweep="", laser_coverage=0.3)
+    assert list(rl.unused_flags(cfg, {"eval_only"})) == []
+    sweep = rl.RLConfig(sweep="none,kimi:0.5", sweep_seeds="1,2", gfpo_keep=2)
+    assert list(rl.unused_flags(sweep, {"sweep", "sweep_seeds"})) == []
+
+
+def test_a_resumed_run_is_held_to_its_saved_objective(tiny_ckpt, tmp_path, parity_reward):
+    """Flags of the saved objective are taken on --resume (the command line's default objective is laser), and
+    a flag no saved run reads is refused with the objective it was saved with."""
+    out = str(tmp_path / "gfpo")
+    rl.run(*parse_config(rl.RLConfig, ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--length_reward", "gfpo",
+                                              "--gfpo_keep", "2", "--stop_after", "1"]))
+    with pytest.raises(UserError, match=r"--laser_coverage applies only to .* laser, not gfpo \(the run being"):
+        rl.run(*parse_config(rl.RLConfig, ["--resume", "--out_dir", out, "--laser_coverage", "0.125"]))
+    summary = rl.run(*parse_config(rl.RLConfig, ["--resume", "--out_dir", out, "--gfpo_keep", "2"]))
+    assert summary["step"] == 3 and summary["config"]["length_reward"] == "gfpo"
+
+
 def test_sweep_runs_the_baseline_and_each_strength_and_writes_the_table(tiny_ckpt, tmp_path, parity_reward):
     out = str(tmp_path / "sw")
     argv = ARGS + ["--init_from", tiny_ckpt, "--out_dir", out, "--steps", "1", "--sweep", "0.5"]
