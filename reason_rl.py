@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 import memory
 import runtime
-from checkpoint import (check_out_dir, clear_run, eval_only_path, load_checkpoint, load_model, model_state,
-                        nothing_left, refuse_changes, refuse_existing, refuse_overwriting_source, resume_config,
-                        run_lock, save_checkpoint)
+from checkpoint import (check_data, check_out_dir, clear_run, data_marks, eval_only_path, load_checkpoint, load_model,
+                        model_state, nothing_left, refuse_changes, refuse_existing, refuse_overwriting_source,
+                        resume_config, run_lock, save_checkpoint)
 from config import RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
@@ -278,6 +278,7 @@ def load_policy(path, cfg, env):
                         f"first, then start RL from that checkpoint")
     model, ck = load_model(path)
     data = open_dataset(ck.get("dataset") or "reasoning")
+    check_data(ck, data, path, resume=cfg.resume)  # the same tokens, and on --resume the same dataset
     if data.task is None:
         raise UserError(f"{path} was trained on {data.name}, not on a task corpus: RL needs the task checker")
     targets = parse_list(cfg.l1_targets) if cfg.length_reward == "l1" else None
@@ -349,7 +350,8 @@ def save_rl(policy, st, cfg, env):
     save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
                     {**model_state(policy.model), "optimizer": st.optimizer.state_dict(), "step": st.step,
                      "config": asdict(cfg), "rng": [runtime.rng_state(env.device)],
-                     "dataset": policy.ckpt.get("dataset", "reasoning"), "rl": rl})
+                     "dataset": policy.ckpt.get("dataset", "reasoning"), "data_marks": data_marks(policy.data),
+                     "rl": rl})
 
 
 def draw_rollouts(policy, st, cfg, ctx, levels):

@@ -209,3 +209,26 @@ CASES += [
     Case("rl-resume-unused-gfpo-keep", "rl", RESUME + ["--steps", "4", "--gfpo_keep", "4"],
          r"--gfpo_keep applies only to --length_reward gfpo, not laser \(the run being resumed's\)"),
 ]
+
+
+def _rl_with_marks(edit):
+    """setup: a copy of the rl/ run at bad_rl/ whose checkpoint's data marks edit() changes."""
+    def setup(w):
+        import shutil
+        import torch
+        shutil.copytree(os.path.join(w, "rl"), os.path.join(w, "bad_rl"))
+        path = os.path.join(w, "bad_rl", "ckpt.pt")
+        ck = torch.load(path, weights_only=True)
+        edit(ck["data_marks"])
+        torch.save(ck, path)
+    return setup
+
+
+# a run resumed on a dataset rebuilt since, or on data in other tokens
+CASES += [
+    Case("rl-resume-data-rebuilt", "rl", ["--resume", "--out_dir", "bad_rl", "--threads", "1", "--steps", "4"],
+         r"has changed since bad_rl/ckpt.pt was saved \(its meta.json differs\)",
+         _rl_with_marks(lambda m: m.update(meta="0" * 40))),
+    Case("rl-resume-other-tokens", "rl", ["--resume", "--out_dir", "bad_rl", "--threads", "1", "--steps", "4"],
+         r"bad_rl/ckpt.pt was trained on text in other tokens", _rl_with_marks(lambda m: m.update(probe=[1]))),
+]
