@@ -127,6 +127,8 @@ def model_from_checkpoint(ck, path="the checkpoint", dropout=None):
 
 def load_model(path, dropout=None):
     """(model, checkpoint dict or None) from a checkpoint file or a local Hugging Face directory."""
+    if os.path.isdir(path) and run_folder_hint(path):
+        raise UserError(f"--init_from {path} is a folder{run_folder_hint(path)}")
     if os.path.isdir(path):
         try:
             model = GPT.from_pretrained(path, **({} if dropout is None else dict(dropout=dropout)))
@@ -162,6 +164,16 @@ def resume_config(cls, saved, cfg, explicit, reset=(), source="the checkpoint", 
 def check_out_dir(out_dir):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file: give a folder")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a link to nothing (dangling, or a loop): remove it or give a "
+                        f"folder")
+
+
+def run_folder_hint(path):
+    """For a folder given where a checkpoint file is meant: ' (it is a run folder: give PATH/ckpt.pt)' or ''."""
+    ckpt = os.path.join(path, "ckpt.pt")
+    return f" (a run folder: give {ckpt})" if os.path.isfile(ckpt) and not \
+        os.path.exists(os.path.join(path, "config.json")) else ""
 
 
 def refuse_existing(out_dir, overwrite, what="ckpt.pt"):

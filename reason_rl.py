@@ -39,7 +39,7 @@ import memory
 import runtime
 from checkpoint import (check_data, check_out_dir, clear_run, data_marks, eval_only_path, load_checkpoint, load_model,
                         model_state, nothing_left, refuse_changes, refuse_existing, refuse_overwriting_source,
-                        resume_config, run_lock, save_checkpoint)
+                        resume_config, run_folder_hint, run_lock, save_checkpoint)
 from config import RLConfig, UserError, cli
 from data.loader import open_dataset
 from data.tasks import STYLES, check_answer, longest_prompt, prompt_text, sample_problems, style_of
@@ -273,6 +273,8 @@ class Policy:
 
 def load_policy(path, cfg, env):
     """Any checkpoint the project writes, on the task corpus it was trained on."""
+    if os.path.isdir(path) and run_folder_hint(path):
+        raise UserError(f"--init_from {path} is a folder{run_folder_hint(path)}")
     if os.path.isdir(path):
         raise UserError(f"{path} is a model directory: fine-tune it on a task corpus with train.py --init_from "
                         f"first, then start RL from that checkpoint")

@@ -232,3 +232,8 @@ CASES += [
     Case("rl-resume-other-tokens", "rl", ["--resume", "--out_dir", "bad_rl", "--threads", "1", "--steps", "4"],
          r"bad_rl/ckpt.pt was trained on text in other tokens", _rl_with_marks(lambda m: m.update(probe=[1]))),
 ]
+
+CASES += [
+    Case("rl-init-from-run-folder", "rl", BASE + ["--init_from", "run"],
+         r"--init_from run is a folder \(a run folder: give run/ckpt.pt\)"),
+]

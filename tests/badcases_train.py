@@ -374,3 +374,12 @@ CASES += [
     Case("train-resume-weight-decay", "train", ["--resume", "--out_dir", "run", "--weight_decay", "0.5"],
          r"--weight_decay 0.5 differs from the run being resumed"),
 ]
+
+# folders and links where a file or a folder is meant
+CASES += [
+    Case("train-init-from-run-folder", "train", NEW + ["--init_from", "run"],
+         r"--init_from run is a folder \(a run folder: give run/ckpt.pt\)"),
+    Case("train-out-dir-dangling-link", "train", TINY + DATA + ["--out_dir", "gone"],
+         r"--out_dir gone is a link to nothing \(dangling, or a loop\)",
+         lambda w: os.symlink(os.path.join(w, "nowhere"), os.path.join(w, "gone"))),
+]
