@@ -11,6 +11,7 @@ Ideas it rests on:
 """
 import difflib
 import inspect
+import json
 import math
 import os
 import re
@@ -338,7 +339,26 @@ class BenchConfig(Checked):
         folder = os.path.dirname(os.path.abspath(self.json)) if self.json else ""
         return _problems((folder and not os.path.isdir(folder),
                           f"--json {self.json}: its folder does not exist; create it or give another path"),
-                         (self.json and os.path.isdir(self.json), f"--json {self.json} is a folder: name a file"))
+                         (self.json and os.path.isdir(self.json), f"--json {self.json} is a folder: name a file"),
+                         (self.json and os.path.lexists(self.json) and not os.path.isdir(self.json)
+                          and not _bench_result(self.json),
+                          f"--json {self.json} exists and is not a bench.py result, which is all --json replaces: "
+                          f"give another path"))
+
+
+def _bench_result(path):
+    """Whether `path` is a regular file holding what bench.py writes: a JSON object with env and rows."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":  # (a checkpoint is not read whole to learn that)
+                return False
+            f.seek(0)
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("env"), dict) and isinstance(saved.get("rows"), list)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -26,4 +26,13 @@ CASES = [
           lambda w: open(f"{w}/b.toml", "w").write('shapes = "x"\n')),
     bench("config-bad-value", ["--config", "b.toml"], r"--dtype must be one of",
           lambda w: open(f"{w}/b.toml", "w").write('dtype = "half"\n')),
+    # --json replaces only a bench result (a JSON object with env and rows)
+    bench("json-over-checkpoint", ["adam", "--json", "run/ckpt.pt"],
+          r"--json run/ckpt\.pt exists and is not a bench\.py result.*give another path"),
+    bench("json-over-text", ["adam", "--json", "notes.txt"], r"--json notes\.txt exists and is not a bench\.py"),
+    bench("json-over-other-json", ["adam", "--json", "run/eval.json"], r"--json run/eval\.json exists and is not"),
+    bench("json-over-a-list", ["adam", "--json", "l.json"], r"--json l\.json exists and is not",
+          lambda w: open(f"{w}/l.json", "w").write('[{"env": {}, "rows": []}]\n')),
+    bench("json-rows-not-a-list", ["adam", "--json", "r.json"], r"--json r\.json exists and is not",
+          lambda w: open(f"{w}/r.json", "w").write('{"env": {}, "rows": 3}\n')),
 ]
