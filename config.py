@@ -333,7 +333,7 @@ class BenchConfig(Checked):
     dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # ours in train, qat, lora, memory
     shape: str = arg("gpt2-small", choices=BENCH_SHAPES)  # the real model shape of train, lora and memory
     init_from: str = ""             # generate: time this checkpoint's model instead of the default
-    quick: bool = False             # smaller shapes and fewer repeats (for tests)
+    quick: bool = False             # tiny stand-in shapes (not --shape) and fewer repeats (for tests)
 
     def relations(self):
         folder = os.path.dirname(os.path.abspath(self.json)) if self.json else ""
