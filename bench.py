@@ -24,11 +24,15 @@ from config import BENCH_SHAPES, BenchConfig, TrainConfig, UserError, cli
 from files import atomic_write
 
 SECTIONS = {}  # name -> function(args) -> list of row dicts
+USES = {}  # name -> the flags among SECTION_FLAGS that the section reads
+SECTION_FLAGS = ("shape", "dtype", "init_from")  # flags that only some sections read
 
 
-def section(name):
+def section(name, uses=()):
+    """Register a section under `name`; `uses` names the flags of SECTION_FLAGS it reads."""
     def register(fn):
         SECTIONS[name] = fn
+        USES[name] = set(uses)
         return fn
     return register
 
@@ -142,6 +146,7 @@ def run(args, explicit=()):
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         raise UserError(f"--sections: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    refuse_unused_flags(args, names, explicit)
     args.device = runtime.pick_device(args.device) if args.device != "auto" else \
         ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = runtime.resolve_dtype(args.device, args.dtype)
@@ -162,8 +167,24 @@ def run(args, explicit=()):
     return rows
 
 
+def refuse_unused_flags(args, names, explicit):
+    """A UserError for a flag given (on the command line or in --config) that no section asked for reads: it
+    would be silently ignored. --quick times tiny stand-in shapes, so it leaves --shape unread too."""
+    for flag in SECTION_FLAGS:
+        if flag not in explicit:
+            continue
+        readers = [s for s in SECTIONS if flag in USES[s]]
+        if flag == "shape" and args.quick and any(s in readers for s in names):
+            raise UserError(f"--shape {args.shape}: --quick times tiny stand-in shapes, not --shape; drop --quick "
+                            f"to time {args.shape} (slow on CPU), or drop --shape")
+        if not any(s in readers for s in names):
+            raise UserError(f"--{flag} is read only by {', '.join(readers)}; the sections asked for "
+                            f"({', '.join(names)}) ignore it: drop --{flag} or add one of those")
+
+
 # ----------------------------------------------------------------------------- sections
-# Each section registers itself with @section("name") and returns rows made by row().
+# Each section registers itself with @section("name", uses=(flags of SECTION_FLAGS it reads)) and returns rows
+# made by row().
 # (sections are added below by the modules' issues: train, generate, matmul, adam, ...)
 
 
@@ -206,7 +227,7 @@ def train_step(model, opt, x, ctx):
     return step
 
 
-@section("train")
+@section("train", uses=("shape", "dtype"))
 def bench_train(args):
     """Training throughput and peak memory: one AdamW step (forward, backward, update) on random tokens, in the
     precision of --dtype (auto: what train.py picks here, bf16 autocast on CUDA and on CPUs with native bf16)
@@ -258,7 +279,7 @@ def _train_rows(args, name, cfg, batch):
                 measured="CUDA allocator peak" if cuda else "peak RSS of the process")]
 
 
-@section("generate")
+@section("generate", uses=("init_from",))
 def bench_generate(args):
     """Tokens/s of generate() with the KV cache against the same model recomputing the whole prefix each step: the
     default model's shape, or with --init_from any checkpoint the project writes (within its block_size)."""
@@ -392,7 +413,7 @@ def bench_matmul(args):
     return rows
 
 
-@section("qat")
+@section("qat", uses=("dtype",))
 def bench_qat(args):
     """QAT overhead: a training step (forward, backward, AdamW) with fake-quant linears against the float step on
     the same model and batch; the steps alternate, so drift on a shared machine hits both alike."""
@@ -420,7 +441,7 @@ def bench_qat(args):
     return rows
 
 
-@section("lora")
+@section("lora", uses=("shape", "dtype"))
 def bench_lora(args):
     """Fine-tuning memory and speed on a real model's shape (--shape: GPT-2 small by default, SmolLM2-135M or
     Qwen2.5-0.5B; random weights) at short rows (1 x 128 tokens on CPU, 8 x 128 on CUDA): full fine-tuning with fp32 AdamW, LoRA (rank 16 on every block linear) on
@@ -478,7 +499,7 @@ def bench_lora(args):
     return rows
 
 
-@section("memory")
+@section("memory", uses=("shape", "dtype"))
 def bench_memory(args):
     """Activation checkpointing and the chunked loss, on and off in the same run, for a real model's shape
     (--shape: GPT-2 small by default) at 1024 tokens a row: one training step's peak memory and tokens/s for each option, then the two

@@ -11,6 +11,7 @@ Ideas it rests on:
 """
 import difflib
 import inspect
+import json
 import math
 import os
 import re
@@ -332,13 +333,32 @@ class BenchConfig(Checked):
     dtype: str = arg("auto", choices=("auto", "float32", "bfloat16"))  # ours in train, qat, lora, memory
     shape: str = arg("gpt2-small", choices=BENCH_SHAPES)  # the real model shape of train, lora and memory
     init_from: str = ""             # generate: time this checkpoint's model instead of the default
-    quick: bool = False             # smaller shapes and fewer repeats (for tests)
+    quick: bool = False             # tiny stand-in shapes (not --shape) and fewer repeats (for tests)
 
     def relations(self):
         folder = os.path.dirname(os.path.abspath(self.json)) if self.json else ""
         return _problems((folder and not os.path.isdir(folder),
                           f"--json {self.json}: its folder does not exist; create it or give another path"),
-                         (self.json and os.path.isdir(self.json), f"--json {self.json} is a folder: name a file"))
+                         (self.json and os.path.isdir(self.json), f"--json {self.json} is a folder: name a file"),
+                         (self.json and os.path.lexists(self.json) and not os.path.isdir(self.json)
+                          and not _bench_result(self.json),
+                          f"--json {self.json} exists and is not a bench.py result, which is all --json replaces: "
+                          f"give another path"))
+
+
+def _bench_result(path):
+    """Whether `path` is a regular file holding what bench.py writes: a JSON object with env and rows."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":  # (a checkpoint is not read whole to learn that)
+                return False
+            f.seek(0)
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("env"), dict) and isinstance(saved.get("rows"), list)
 
 
 # ----------------------------------------------------------------------------- parsing

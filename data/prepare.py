@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from dataclasses import asdict, dataclass, fields
 
@@ -263,8 +264,10 @@ def read_text(path):
     """The text of a UTF-8 file; a DataError naming the file (and the offending byte) for anything else."""
     if os.path.isdir(path):
         raise DataError(f"{path} is a folder: give a text file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"no such text file: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is not a regular file ({_file_kind(path)}): give a text file")
     with open(path, "rb") as f:
         raw = f.read()
     nul = raw.find(b"\0")
@@ -278,6 +281,13 @@ def read_text(path):
     if not text.strip():
         raise DataError(f"{path} is empty: give a text file with some content")
     return text
+
+
+def _file_kind(path):
+    mode = os.stat(path).st_mode
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a plain file")
 
 
 def prepare_text(input_path, out_dir, tokenizer="bytes", vocab_size=2048, val_fraction=0.1, verbose=True,
@@ -399,6 +409,9 @@ class TextFlags(Checked):
             yield "--input FILE is needed: the text file to tokenize"
         if not self.out.strip():
             yield "--out DIR is needed: the dataset's folder, e.g. data/mytext"
+        if self.vocab_size != TextFlags.vocab_size and self.tokenizer != "bpe":
+            yield (f"--vocab_size {self.vocab_size} applies only to --tokenizer bpe (the {self.tokenizer} tokenizer "
+                   f"brings its own vocabulary): drop --vocab_size or add --tokenizer bpe")
 
 
 MODES = {"reasoning": (ReasoningFlags, "the built-in reasoning corpus (addition) -> data/reasoning"),

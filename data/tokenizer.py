@@ -297,7 +297,10 @@ class HFTokenizer(Tokenizer):
 
 def _hf_pre_tokenizer(pre, where):
     """(split pattern, digits) from a tokenizer.json's pre_tokenizer; ValueError for kinds tiktoken cannot run."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    steps = _need(pre.get("pretokenizers", _MISSING), list, where, "pre_tokenizer.pretokenizers") \
+        if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    for k, step in enumerate(steps):
+        _need(step, dict, where, f"pre_tokenizer step {k}")
     kinds = [s.get("type") for s in steps]
     if not kinds or kinds[-1] != "ByteLevel":
         raise ValueError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: only byte-level BPE "
@@ -306,13 +309,14 @@ def _hf_pre_tokenizer(pre, where):
     if byte_level.get("add_prefix_space"):
         raise ValueError(f"{where}: ByteLevel add_prefix_space is not supported")
     for step in steps[:-1]:
-        if step["type"] == "Split" and "Regex" in step.get("pattern", {}) and pattern is None \
+        regex_text = step.get("pattern", {}).get("Regex") if isinstance(step.get("pattern"), dict) else None
+        if step.get("type") == "Split" and isinstance(regex_text, str) and pattern is None \
                 and step.get("behavior") == "Isolated" and not step.get("invert"):
-            pattern = step["pattern"]["Regex"]
-        elif step["type"] == "Digits" and step.get("individual_digits") and not digits:
+            pattern = regex_text
+        elif step.get("type") == "Digits" and step.get("individual_digits") and not digits:
             digits = True
         else:
-            raise ValueError(f"{where}: pre-tokenizer step {step['type']} {step} is not supported")
+            raise ValueError(f"{where}: pre-tokenizer step {step.get('type')} {str(step)[:80]} is not supported")
     if byte_level.get("use_regex", True):
         if pattern is not None:
             raise ValueError(f"{where}: a Split regex and ByteLevel's own regex together are not supported")
@@ -335,8 +339,9 @@ def _hf_ranks(model, added, where):
         ranks = {bytes(to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
     except KeyError:
         raise ValueError(f"{where}: the vocabulary is not spelled in byte-level characters") from None
-    if any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{where}: the vocabulary lacks some of the 256 single bytes")
+    if b"" in ranks or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{where}: the vocabulary lacks some of the 256 single bytes or holds an empty token")
+    _distinct_ids([*ranks.values(), *added.values()], where)
     last = -1
     for merge in model.get("merges", []):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
@@ -348,32 +353,103 @@ def _hf_ranks(model, added, where):
     return ranks
 
 
-def _special_id(tokens, value):
-    """An id from a token name (or {"content": name}) or an id (or a list of ids: the first)."""
+def _distinct_ids(ids, where):
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{where}: two tokens (of model.vocab and added_tokens) have id {i}: download it again")
+        seen.add(i)
+
+
+_MISSING = object()
+_KINDS = ((type(None), "null"), (bool, "true or false"), (int, "a number"), (float, "a number"),
+          (str, "a string"), (list, "a list"), (dict, "an object"))
+_WANTED = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+
+
+def _need(value, typ, where, what):
+    """value when it is a `typ` (true and false are not ints); else a ValueError: `where`: `what` is ..."""
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    got = f"missing ({_WANTED[typ]} expected)" if value is _MISSING else \
+        f"{next(name for t, name in _KINDS if isinstance(value, t))}, not {_WANTED[typ]}"
+    raise ValueError(f"{where}: {what} is {got}: give a Hugging Face model's own file (download it again)")
+
+
+def _need_id(value, where, what):
+    """A token id: an integer 0 <= id < 2**31."""
+    if not 0 <= _need(value, int, where, what) < 2 ** 31:
+        raise ValueError(f"{where}: {what} is {value}, not a token id (0 <= id < 2**31)")
+    return value
+
+
+def _read_json(path):
+    """The JSON in `path`; a one-line ValueError naming the file when it is not UTF-8 JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # (json's errors are ValueErrors)
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}): download it again") from None
+
+
+def read_hf_spec(path):
+    """A tokenizer.json, its structure checked as far as this file reads it: a one-line ValueError naming the
+    file and the entry for a wrong type or a missing key (FileNotFoundError when there is no file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: give a Hugging Face model directory holding tokenizer.json")
+    spec = _need(_read_json(path), dict, path, "its top level")
+    model = _need(spec.get("model", _MISSING), dict, path, "model")
+    for tok, i in _need(model.get("vocab", _MISSING), dict, path, "model.vocab").items():
+        _need_id(i, path, f"model.vocab[{tok[:40]!r}]")
+    for k, merge in enumerate(_need(model.get("merges", []), list, path, "model.merges")):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"{path}: model.merges[{k}] is {str(merge)[:40]!r}, not a pair of tokens "
+                             f"('a b' or [\"a\", \"b\"]): download it again")
+    for k, token in enumerate(_need(spec.get("added_tokens", []), list, path, "added_tokens")):
+        _need(_need(token, dict, path, f"added_tokens[{k}]").get("content", _MISSING), str, path,
+              f"added_tokens[{k}].content")
+        _need_id(token.get("id", _MISSING), path, f"added_tokens[{k}].id")
+    for key in ("normalizer", "pre_tokenizer"):
+        if spec.get(key) is not None:
+            _need(spec[key], dict, path, key)
+    return spec
+
+
+def _special_id(tokens, value, where, what):
+    """An id from a token name (or {"content": name}) or an id (or a list of ids: the first); None when not
+    given or a name the vocabulary lacks; a ValueError naming `where` for an id outside the vocabulary."""
     if isinstance(value, dict):
         value = value.get("content")
     if isinstance(value, list):
         value = value[0] if value else None
-    return tokens.get(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        return tokens.get(value)
+    if value is None:
+        return None
+    n = max(tokens.values(), default=-1) + 1
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
+        return value
+    raise ValueError(f"{where}: {what} is {str(value)[:40]}, not a token of tokenizer.json nor an id below {n}")
 
 
 def hf_tokenizer_from_file(path, bos_id=None, eos_id=None, pad_id=None):
     """A Tokenizer from one tokenizer.json file; bos/eos/pad ids given (load_hf_tokenizer finds them)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: give a Hugging Face model directory holding tokenizer.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model = spec["model"]
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a tokenizer.json ({type(e).__name__}): download it again") from None
+    return _tokenizer_from_spec(read_hf_spec(path), path, bos_id, eos_id, pad_id)
+
+
+def _tokenizer_from_spec(spec, path, bos_id, eos_id, pad_id):
     norm = spec.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":
         raise ValueError(f"{path}: normalizer {norm.get('type')} is not supported (only none or NFC)")
     pattern, digits = _hf_pre_tokenizer(spec.get("pre_tokenizer"), path)
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    ranks = _hf_ranks(model, added, path)
-    enc = tiktoken.Encoding(f"hf:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    ranks = _hf_ranks(spec["model"], added, path)
+    try:
+        enc = tiktoken.Encoding(f"hf:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    except ValueError as e:  # the split regex
+        raise ValueError(f"{path}: its pre-tokenizer's split regex is not valid ({str(e).splitlines()[0]})") \
+            from None
     if eos_id is None:
         raise ValueError(f"{path}: no eos token known: name eos_token in tokenizer_config.json or eos_token_id in "
                          "config.json")
@@ -384,22 +460,19 @@ def hf_tokenizer_from_file(path, bos_id=None, eos_id=None, pad_id=None):
 
 def load_hf_tokenizer(path):
     """The tokenizer of a local Hugging Face model directory: tokenizer.json (byte-level BPE), with bos/eos/pad
-    from tokenizer_config.json, else config.json, else generation_config.json (a list of eos ids: the first)."""
-    tokens, found = {}, {}
+    from tokenizer_config.json, else config.json, else generation_config.json (a list of eos ids: the first).
+    Anything malformed in these files is a one-line ValueError naming the file."""
     file = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(file):
-        with open(file, encoding="utf-8") as f:
-            spec = json.load(f)
-        tokens = {**spec.get("model", {}).get("vocab", {}), **{t["content"]: t["id"]
-                                                               for t in spec.get("added_tokens", [])}}
+    spec = read_hf_spec(file)
+    tokens = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    found = {}
     sources = (("tokenizer_config.json", "{}_token"), ("config.json", "{}_token_id"),
                ("generation_config.json", "{}_token_id"))
     for name, key in sources:
         p = os.path.join(path, name)
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
+            d = _need(_read_json(p), dict, p, "its top level")
             for which in ("bos", "eos", "pad"):
                 if found.get(which) is None:
-                    found[which] = _special_id(tokens, d.get(key.format(which)))
-    return hf_tokenizer_from_file(file, found.get("bos"), found.get("eos"), found.get("pad"))
+                    found[which] = _special_id(tokens, d.get(key.format(which)), p, key.format(which))
+    return _tokenizer_from_spec(spec, file, found.get("bos"), found.get("eos"), found.get("pad"))

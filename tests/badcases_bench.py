@@ -26,4 +26,25 @@ CASES = [
           lambda w: open(f"{w}/b.toml", "w").write('shapes = "x"\n')),
     bench("config-bad-value", ["--config", "b.toml"], r"--dtype must be one of",
           lambda w: open(f"{w}/b.toml", "w").write('dtype = "half"\n')),
+    # --json replaces only a bench result (a JSON object with env and rows)
+    bench("json-over-checkpoint", ["adam", "--json", "run/ckpt.pt"],
+          r"--json run/ckpt\.pt exists and is not a bench\.py result.*give another path"),
+    bench("json-over-text", ["adam", "--json", "notes.txt"], r"--json notes\.txt exists and is not a bench\.py"),
+    bench("json-over-other-json", ["adam", "--json", "run/eval.json"], r"--json run/eval\.json exists and is not"),
+    bench("json-over-a-list", ["adam", "--json", "l.json"], r"--json l\.json exists and is not",
+          lambda w: open(f"{w}/l.json", "w").write('[{"env": {}, "rows": []}]\n')),
+    bench("json-rows-not-a-list", ["adam", "--json", "r.json"], r"--json r\.json exists and is not",
+          lambda w: open(f"{w}/r.json", "w").write('{"env": {}, "rows": 3}\n')),
+    # flags that no section asked for reads
+    bench("shape-unused", ["adam", "--shape", "qwen2.5-0.5b"], r"--shape is read only by train, lora, memory; "
+                                                               r"the sections asked for \(adam\) ignore it"),
+    bench("init-from-unused", ["adam", "--init_from", "run/ckpt.pt"],
+          r"--init_from is read only by generate; .*\(adam\) ignore it: drop --init_from"),
+    bench("dtype-unused", ["adam", "generate", "matmul", "--dtype", "float32"],
+          r"--dtype is read only by train, qat, lora, memory; .*\(adam, generate, matmul\)"),
+    bench("shape-unused-in-config", ["adam", "--config", "b.toml"], r"--shape is read only by",
+          lambda w: open(f"{w}/b.toml", "w").write('shape = "smollm2-135m"\n')),
+    bench("shape-under-quick", ["train", "--shape", "qwen2.5-0.5b"],
+          r"--shape qwen2\.5-0\.5b: --quick times tiny stand-in shapes, not --shape; drop --quick"),
+    bench("shape-under-quick-all-sections", ["--shape", "smollm2-135m"], r"--quick times tiny stand-in shapes"),
 ]

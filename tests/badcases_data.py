@@ -95,6 +95,18 @@ def write(name, data):
     return setup
 
 
+def hf_dir(tokenizer_json, folder="hf", **configs):
+    """setup (or a change of a dataset copy, with folder="."): a Hugging Face model folder whose tokenizer.json
+    holds `tokenizer_json` (text), with config files `name_json=text` (config_json: config.json)."""
+    def setup(w):
+        d = os.path.join(w, folder)
+        os.makedirs(d, exist_ok=True)
+        for name, text in {"tokenizer.json": tokenizer_json, **configs}.items():
+            with open(os.path.join(d, name.replace("_json", ".json")), "w") as f:
+                f.write(text)
+    return setup
+
+
 def open_fails(id, setup, expect):
     return Case(f"data-open-{id}", "train", BAD, expect, setup=setup)
 
@@ -159,12 +171,20 @@ CASES = [
     open_fails("text-bpe-ranks-missing", damaged(set_tokenizer(name="bpe", ranks_file="bpe.tiktoken"),
                                                  src="text_tiny"), r"bpe\.tiktoken not found"),
     open_fails("text-meta-a-list", damaged(meta_as([]), src="text_tiny"), META + r"holds a JSON list"),
+    # a Hugging Face tokenizer.json copied into the dataset (--tokenizer hf:DIR), malformed
+    open_fails("hf-tokenizer-json-model-a-number",
+               damaged(set_tokenizer(name="hf", tokenizer_file="tokenizer.json"), hf_dir('{"model": 5}', ".")),
+               r"bad/tokenizer\.json: model is a number, not an object"),
+    open_fails("hf-tokenizer-json-a-list",
+               damaged(set_tokenizer(name="hf", tokenizer_file="tokenizer.json"), hf_dir("[1, 2]", ".")),
+               r"bad/tokenizer\.json: its top level is a list, not an object"),
     Case("data-open-a-file", "train", TINY + ["--dataset", "{w}/notes.txt", "--out_dir", "new"],
          r"no dataset at .*notes\.txt"),
 ]
 
 TOML = ["--config", "{w}/p.toml"]
 SMALL = ["--train_examples", "50", "--val_examples", "10", "--test_per_level", "2"]
+HF_TEXT = ["text", "--input", "story.txt", "--out", "new", "--tokenizer", "hf:hf"]
 
 
 def prep(id, argv, expect, setup=None):
@@ -208,6 +228,12 @@ CASES += [
                                   "--vocab_size", "256"], r"--vocab_size must be >= 257, not 256"),
     prep("text-vocab-beyond-the-text", ["text", "--input", "story.txt", "--out", "new", "--tokenizer", "bpe",
                                         "--vocab_size", "100000"], r"supports at most \d+ tokens"),
+    prep("text-vocab-without-bpe", ["text", "--input", "story.txt", "--out", "new", "--vocab_size", "512"],
+         r"--vocab_size 512 applies only to --tokenizer bpe \(the bytes tokenizer brings its own vocabulary\)"),
+    prep("text-vocab-with-gpt2", ["text", "--input", "story.txt", "--out", "new", "--tokenizer", "gpt2",
+                                  "--vocab_size", "4096"], r"--vocab_size 4096 applies only to --tokenizer bpe"),
+    prep("toml-text-vocab-without-bpe", ["text"] + TOML, r"--vocab_size 1024 applies only to --tokenizer bpe",
+         setup=write("p.toml", 'input = "story.txt"\nout = "new"\nvocab_size = 1024\n')),
     prep("text-val-fraction-one", ["text", "--input", "story.txt", "--out", "new", "--val_fraction", "1"],
          r"--val_fraction must be < 1"),
     prep("text-val-fraction-zero", ["text", "--input", "story.txt", "--out", "new", "--val_fraction", "0"],
@@ -216,7 +242,35 @@ CASES += [
          r"--val_fraction must be a finite number"),
     prep("text-tokenizer-unknown", ["text", "--input", "story.txt", "--out", "new", "--tokenizer", "wordpiece"],
          r"--tokenizer 'wordpiece': must be bytes, bpe, gpt2 or hf:DIR"),
+    # --tokenizer hf:DIR whose files are malformed
+    prep("text-hf-model-a-number", HF_TEXT, r"hf/tokenizer\.json: model is a number, not an object: give a Hug",
+         setup=hf_dir('{"model": 5}')),
+    prep("text-hf-top-level-a-list", HF_TEXT, r"hf/tokenizer\.json: its top level is a list, not an object",
+         setup=hf_dir("[1, 2]")),
+    prep("text-hf-added-token-no-content", HF_TEXT, r"hf/tokenizer\.json: added_tokens\[0\]\.content is missing",
+         setup=hf_dir('{"model": {"vocab": {}}, "added_tokens": [{"id": 1}]}')),
+    prep("text-hf-no-model", HF_TEXT, r"hf/tokenizer\.json: model is missing \(an object expected\)",
+         setup=hf_dir('{"version": "1.0"}')),
+    prep("text-hf-vocab-id-a-string", HF_TEXT, r"model\.vocab\['a'\] is a string, not an integer",
+         setup=hf_dir('{"model": {"vocab": {"a": "1"}}}')),
+    prep("text-hf-merge-three-parts", HF_TEXT, r"model\.merges\[0\] is 'a b c', not a pair of tokens",
+         setup=hf_dir('{"model": {"vocab": {}, "merges": ["a b c"]}}')),
+    prep("text-hf-pre-tokenizer-a-string", HF_TEXT, r"hf/tokenizer\.json: pre_tokenizer is a string, not an obj",
+         setup=hf_dir('{"model": {"vocab": {}}, "pre_tokenizer": "ByteLevel"}')),
+    prep("text-hf-not-json", HF_TEXT, r"hf/tokenizer\.json is not valid JSON", setup=hf_dir('{"model"')),
+    prep("text-hf-config-a-list", HF_TEXT, r"hf/config\.json: its top level is a list, not an object",
+         setup=hf_dir('{"model": {"vocab": {}}}', config_json="[1]")),
+    prep("text-hf-eos-beyond-vocab", HF_TEXT, r"hf/config\.json: eos_token_id is 7, not a token .* below 1",
+         setup=hf_dir('{"model": {"vocab": {"a": 0}}}', config_json='{"eos_token_id": 7}')),
+    prep("reasoning-hf-model-a-list", ["reasoning", "--tokenizer", "hf:hf", "--out", "new"],
+         r"hf/tokenizer\.json: model is a list, not an object", setup=hf_dir('{"model": []}')),
     prep("text-input-missing", ["text", "--input", "nope.txt", "--out", "new"], r"no such text file: nope\.txt"),
+    prep("text-input-dev-null", ["text", "--input", "/dev/null", "--out", "new"],
+         r"/dev/null is not a regular file \(a character device\): give a text file"),
+    prep("text-input-a-fifo", ["text", "--input", "fifo", "--out", "new"], r"fifo is not a regular file \(a pipe\)",
+         setup=lambda w: os.mkfifo(os.path.join(w, "fifo"))),
+    prep("text-input-a-broken-link", ["text", "--input", "gone.txt", "--out", "new"], r"no such text file: gone",
+         setup=lambda w: os.symlink("nowhere.txt", os.path.join(w, "gone.txt"))),
     prep("text-input-a-folder", ["text", "--input", "data_tiny", "--out", "new"], r"data_tiny is a folder"),
     prep("text-input-empty", ["text", "--input", "empty.txt", "--out", "new"], r"empty\.txt is empty",
          setup=write("empty.txt", " \n\n")),

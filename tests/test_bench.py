@@ -61,6 +61,21 @@ def test_json_into_a_missing_folder_is_refused_before_any_section_runs(tmp_path,
     assert "folder does not exist" in err and "throughput" not in err
 
 
+def test_json_replaces_an_earlier_bench_result(tmp_path):
+    out = tmp_path / "b.json"
+    out.write_text(json.dumps(dict(env={"device": "old"}, rows=[])))
+    rows = bench.main(["matmul", "--quick", "--device", "cpu", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["env"]["device"] != "old" and len(saved["rows"]) == len(rows) > 0
+
+
+def test_every_section_declares_the_flags_it_reads():
+    assert set(bench.USES) == set(bench.SECTIONS)
+    assert all(uses <= set(bench.SECTION_FLAGS) for uses in bench.USES.values())
+    for flag in bench.SECTION_FLAGS:  # each is read by some section
+        assert any(flag in uses for uses in bench.USES.values()), flag
+
+
 def test_alternating_medians_times_each_function_in_every_round():
     calls = []
     times = bench.alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

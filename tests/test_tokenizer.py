@@ -419,6 +419,97 @@ def test_other_tokenizer_kinds_are_one_line_errors_naming_the_file(change, needl
     assert "\n" not in str(e.value) and "tokenizer.json" in str(e.value)
 
 
+def _set(spec, keys, value):
+    """spec with the entry at `keys` (a path of keys and indices) set to value, or removed for value MISSING."""
+    *parents, last = keys
+    for k in parents:
+        spec = spec[k]
+    if value is MISSING:
+        del spec[last]
+    else:
+        spec[last] = value
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("keys, value, needle", [
+    (("model", "vocab"), [], r"model\.vocab is a list, not an object"),
+    (("model", "vocab", "a"), 3.5, r"model\.vocab\['a'\] is a number, not an integer"),
+    (("model", "vocab", "a"), -1, r"model\.vocab\['a'\] is -1, not a token id"),
+    (("model", "vocab", "a"), 1, r"two tokens .* have id 1"),  # "a" and the byte whose id is 1
+    (("model", "merges"), {"a": "b"}, r"model\.merges is an object, not a list"),
+    (("model", "merges", 0), ["a"], r"model\.merges\[0\] is .*not a pair of tokens"),
+    (("model", "merges", 0), 7, r"model\.merges\[0\] is '7', not a pair"),
+    (("added_tokens",), {}, r"added_tokens is an object, not a list"),
+    (("added_tokens", 0), "<|endoftext|>", r"added_tokens\[0\] is a string, not an object"),
+    (("added_tokens", 0, "content"), MISSING, r"added_tokens\[0\]\.content is missing \(a string expected\)"),
+    (("added_tokens", 0, "id"), "420", r"added_tokens\[0\]\.id is a string, not an integer"),
+    (("added_tokens", 0, "id"), 421, r"two tokens .* have id 421"),
+    (("normalizer",), "NFC", r"normalizer is a string, not an object"),
+    (("pre_tokenizer",), [], r"pre_tokenizer is a list, not an object"),
+    (("pre_tokenizer", "pretokenizers"), MISSING, r"pre_tokenizer\.pretokenizers is missing"),
+    (("pre_tokenizer", "pretokenizers", 0), "Split", r"pre_tokenizer step 0 is a string, not an object"),
+    (("pre_tokenizer", "pretokenizers", 0, "pattern"), "\\s+", r"pre-tokenizer step Split .* is not supported"),
+    (("pre_tokenizer", "pretokenizers", 0, "pattern", "Regex"), "(", r"split regex is not valid"),
+])
+def test_a_malformed_tokenizer_json_is_a_one_line_error_naming_the_file_and_entry(keys, value, needle, hf_ranks,
+                                                                                   tmp_path):
+    path = write_hf_dir(tmp_path, hf_ranks, "llama3")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    if keys[:2] == ("model", "vocab") and len(keys) == 3:
+        spec["model"]["vocab"][keys[2]] = 300  # a token of its own first, then its id made wrong
+    _set(spec, keys, value)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=needle) as e:
+        load_hf_tokenizer(str(path))
+    assert "\n" not in str(e.value) and str(path / "tokenizer.json") in str(e.value)
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"config.json": [1]}, r"config\.json: its top level is a list, not an object"),
+    ({"tokenizer_config.json": {"eos_token": 2.5}}, r"tokenizer_config\.json: eos_token is 2\.5, not a token"),
+    ({"generation_config.json": {"eos_token_id": [[420]]}}, r"generation_config\.json: eos_token_id is \[420\]"),
+    ({"config.json": {"eos_token_id": 423}}, r"config\.json: eos_token_id is 423, not a token .* below 423"),
+    ({"config.json": {"eos_token_id": True}}, r"config\.json: eos_token_id is True"),
+])
+def test_malformed_config_files_are_one_line_errors_naming_the_file(files, needle, hf_ranks, tmp_path):
+    path = write_hf_dir(tmp_path, hf_ranks, "gpt2", files)
+    with pytest.raises(ValueError, match=needle) as e:
+        load_hf_tokenizer(str(path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("style", ["qwen2", "smollm"])  # NFC and Split; Digits and ByteLevel's own regex
+def test_any_entry_of_a_tokenizer_json_replaced_by_any_json_value_is_one_line_or_loads(style, hf_ranks, tmp_path):
+    """A sweep: every entry (of the vocabulary and lists only the first few), replaced by values of each JSON
+    kind or removed, loads or raises a one-line ValueError naming the file, never anything else."""
+    path = write_hf_dir(tmp_path, hf_ranks, style)
+    base = json.loads((path / "tokenizer.json").read_text())
+    seen = []
+
+    def entries(obj, keys=()):
+        yield keys
+        items = list(obj.items())[:20] if isinstance(obj, dict) else list(enumerate(obj))[:2] \
+            if isinstance(obj, list) else []
+        for k, v in items:
+            yield from entries(v, keys + (k,))
+    for keys in entries(base):
+        for value in (None, 0, -2, 2 ** 40, 1.5, True, "x", [], [1], {}, MISSING):
+            spec = json.loads(json.dumps(base))
+            if not keys:
+                spec = None if value is MISSING else value
+            else:
+                _set(spec, keys, value)
+            (path / "tokenizer.json").write_text(json.dumps(spec))
+            try:
+                load_hf_tokenizer(str(path))
+            except ValueError as e:
+                assert "\n" not in str(e) and "tokenizer.json" in str(e), (keys, value, str(e))
+        seen.append(keys)
+    assert ("model", "vocab", "!") in seen and ("added_tokens", 0, "content") in seen and len(seen) > 60
+
+
 def test_prepare_makes_a_reasoning_dataset_with_an_hf_tokenizer_ending_at_its_eos(hf_ranks, tmp_path):
     from data.prepare import main
     from data.tasks import TaskConfig
