@@ -269,13 +269,26 @@ PROBE = "0123456789 +-=*/ abcxyz ABCXYZ the a\nanswer: 42\n[direct] [minimal] [v
 
 
 def data_marks(data):
-    """What a checkpoint records of the data it was trained on (a data.loader.Dataset): the tokenizer's ids for
-    PROBE, and a digest of the dataset's meta.json."""
-    return dict(probe=data.tok.encode(PROBE), n_vocab=data.tok.n_vocab, meta=_digest(data.meta))
+    """What a checkpoint records of the data it was trained on (a data.loader.Dataset): a digest of the
+    tokenizer's token table, the ids it gives a probe text (kept with them), and a digest of its meta.json."""
+    return dict(text=PROBE, probe=data.tok.encode(PROBE), n_vocab=data.tok.n_vocab, vocab=_vocab_digest(data.tok),
+                meta=_digest(data.meta))
 
 
 def _digest(meta):
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _vocab_digest(tok):
+    """Every token's bytes in id order and the special tokens: two tokenizers with one digest encode alike."""
+    ranks, special = getattr(tok.enc, "_mergeable_ranks", None), getattr(tok.enc, "_special_tokens", None)
+    if ranks is None or special is None:  # (tiktoken's tables; without them, the probe alone is compared)
+        return None
+    h = hashlib.sha1()
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+    h.update(json.dumps(sorted(special.items())).encode())
+    return h.hexdigest()
 
 
 def check_data(ckpt, data, path, resume=False):
@@ -284,7 +297,13 @@ def check_data(ckpt, data, path, resume=False):
     marks = ckpt.get("data_marks") if ckpt else None
     if not marks:
         return
-    if marks["probe"] != data.tok.encode(PROBE) or marks["n_vocab"] != data.tok.n_vocab:
+    if not (isinstance(marks, dict) and isinstance(marks.get("probe"), list) and {"n_vocab", "meta"} <= set(marks)):
+        raise UserError(f"{path} is corrupt: its data_marks entry is not what this code writes; start again from "
+                        f"an intact checkpoint")
+    text = marks["text"] if isinstance(marks.get("text"), str) else PROBE
+    vocab = marks.get("vocab")
+    if marks["probe"] != data.tok.encode(text) or marks["n_vocab"] != data.tok.n_vocab or \
+            vocab and vocab != _vocab_digest(data.tok):
         raise UserError(f"{path} was trained on text in other tokens than {data.dir}'s ({data.tok.name}, "
                         f"{data.tok.n_vocab} tokens): give a dataset made with the checkpoint's tokenizer")
     if resume and marks["meta"] != _digest(data.meta):

@@ -347,9 +347,11 @@ class BenchConfig(Checked):
 
 
 def _bench_result(path):
-    """Whether `path` is a regular file holding what bench.py writes: a JSON object with env and rows."""
+    """Whether `path` is a regular file holding what bench.py writes (a JSON object with env and rows), or empty."""
     if not os.path.isfile(path):
         return False
+    if os.path.getsize(path) == 0:  # an empty file made for it (mktemp)
+        return True
     try:
         with open(path, "rb") as f:
             if f.read(64).lstrip()[:1] != b"{":  # (a checkpoint is not read whole to learn that)

@@ -49,9 +49,11 @@ TRAINING_ONLY = ("max_iters", "stop_after", "lr", "min_lr", "warmup_iters", "wei
                  "qat", "qat_start", "lora_rank", "loftq")
 LORA_SETTINGS = ("lora_alpha", "lora_dropout", "lora_base", "lora_targets", "loftq_iters", "loftq_split")
 # (flags, when they would do nothing, why): given explicitly in that case, they are refused
+# (--eval_only does read --qat and --lora_rank: it evaluates the model with fake-quant layers or new adapters)
+EVAL_READS = ("qat", "qat_start", "lora_rank", "loftq")
 IDLE_FLAGS = (
-    (TRAINING_ONLY + ("ptq", "ptq_spec", "ptq_batches", "overwrite"), lambda c: c.eval_only,
-     "--eval_only evaluates the checkpoint as it is"),
+    (tuple(k for k in TRAINING_ONLY if k not in EVAL_READS) + ("ptq", "ptq_spec", "ptq_batches", "overwrite"),
+     lambda c: c.eval_only, "--eval_only evaluates without training (its test problems: --final_problems)"),
     (TRAINING_ONLY, lambda c: c.ptq, "--ptq quantizes and evaluates, without training"),
     (LORA_SETTINGS, lambda c: not c.lora_rank, "new LoRA adapters need --lora_rank R"),
     (("ptq_batches",), lambda c: c.ptq != "gptq", "only --ptq gptq calibrates"),
@@ -125,12 +127,14 @@ def refuse_requantizing(cfg, ckpt, path):
     q, a = (d if isinstance(d, dict) else None for d in (ckpt.get("quant"), ckpt.get("lora")))
     if not (q or a):
         return  # (a malformed entry is reported when the model is built)
-    held = f"quantized ({q.get('spec')})" if q else \
+    held = f"weights quantized to {q.get('spec')}" if q else \
         f"LoRA adapters (rank {a.get('rank')}) over a {a.get('base')} base"
-    if cfg.qat and (q or a):
-        raise UserError(f"--qat {cfg.qat}: {path} is already {held}; start QAT from a float checkpoint")
+    more_qat = q and q.get("spec") == cfg.qat and q.get("fake_quant") and not q.get("converted")
+    if cfg.qat and (q and not more_qat or a and not cfg.lora_merge):  # (--lora_merge gives QAT a float model)
+        raise UserError(f"--qat {cfg.qat}: {path} holds {held}; start QAT from a float checkpoint"
+                        f"{' (or go on with its own spec)' if q and q.get('fake_quant') else ''}")
     if cfg.ptq and q:
-        raise UserError(f"--ptq: {path} is already {held}; quantize its float checkpoint instead")
+        raise UserError(f"--ptq: {path} holds {held}; quantize its float checkpoint instead")
     if cfg.ptq and a and not cfg.lora_merge:
         raise UserError(f"--ptq: {path} holds {held}; add --lora_merge to fold them into float weights first")
     if cfg.lora_rank and a:

@@ -293,10 +293,12 @@ EV = ["--eval_only", "--init_from", "run/ckpt.pt", "--out_dir", "ev", "--threads
 PTQ = ["--init_from", "run/ckpt.pt", "--ptq", "rtn", "--ptq_spec", "w4g32", "--out_dir", "q", "--threads", "1"]
 CASES += [
     Case("train-eval-only-training-flags", "train", EV + ["--lr", "1", "--max_iters", "3"],
-         r"--max_iters, --lr would do nothing here: --eval_only evaluates the checkpoint as it is; drop them"),
+         r"--max_iters, --lr would do nothing here: --eval_only evaluates without training \(its test problems: "
+         r"--final_problems\); drop them"),
     Case("train-eval-only-ptq", "train", EV + ["--ptq", "rtn", "--ptq_spec", "w4g32"],
          r"--ptq, --ptq_spec would do nothing here: --eval_only evaluates"),
-    Case("train-eval-only-lora", "train", EV + ["--lora_rank", "4"], r"--lora_rank would do nothing here"),
+    Case("train-eval-only-eval-problems", "train", EV + ["--eval_problems", "5"],
+         r"--eval_problems would do nothing here: .*--final_problems"),
     Case("train-eval-only-plan", "train", EV + ["--plan"], r"--plan would do nothing here"),
     Case("train-ptq-plan", "train", PTQ + ["--plan", "--out_dir", "run"], r"--plan would do nothing here: --ptq "
          r"quantizes and evaluates, without training; drop it"),
@@ -332,12 +334,17 @@ def _holding(key, desc):
 
 
 CASES += [
-    Case("train-qat-on-quantized", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt is already "
-         r"quantized \(w4g32\); start QAT from a float checkpoint", _holding("quant", QUANTIZED)),
-    Case("train-qat-on-lora", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt is already LoRA "
+    Case("train-qat-on-quantized", "train", ON_BAD + ["--qat", "w4g32"], r"--qat w4g32: bad/ckpt.pt holds "
+         r"weights quantized to w4g32; start QAT from a float checkpoint$", _holding("quant", QUANTIZED)),
+    Case("train-qat-other-spec", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt holds weights "
+         r"quantized to w4g32; .* \(or go on with its own spec\)",
+         _holding("quant", dict(QUANTIZED, fake_quant=QUANTIZED["converted"], converted=[]))),
+    Case("train-qat-on-lora", "train", ON_BAD + ["--qat", "w8"], r"--qat w8: bad/ckpt.pt holds LoRA "
          r"adapters \(rank 4\) over a nf4g64 base", _holding("lora", ADAPTED)),
-    Case("train-ptq-on-quantized", "train", PTQ_BAD, r"--ptq: bad/ckpt.pt is already quantized \(w4g32\); "
+    Case("train-ptq-on-quantized", "train", PTQ_BAD, r"--ptq: bad/ckpt.pt holds weights quantized to w4g32; "
          r"quantize its float checkpoint instead", _holding("quant", QUANTIZED)),
+    Case("train-data-marks-malformed", "train", ON_BAD, r"bad/ckpt.pt is corrupt: its data_marks entry",
+         _holding("data_marks", dict(probe=3))),
     Case("train-ptq-on-lora", "train", PTQ_BAD, r"--ptq: bad/ckpt.pt holds LoRA adapters \(rank 4\) over a "
          r"nf4g64 base; add --lora_merge", _holding("lora", ADAPTED)),
     Case("train-lora-on-lora", "train", ON_BAD + ["--lora_rank", "8"], r"--lora_rank 8: bad/ckpt.pt already "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+from config import BenchConfig
 
 
 def test_generate_section_measures_cache_against_recompute(tmp_path):
@@ -67,6 +68,9 @@ def test_json_replaces_an_earlier_bench_result(tmp_path):
     rows = bench.main(["matmul", "--quick", "--device", "cpu", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["env"]["device"] != "old" and len(saved["rows"]) == len(rows) > 0
+    empty = tmp_path / "e.json"
+    empty.write_text("")  # made for it beforehand (mktemp): taken
+    assert BenchConfig(json=str(empty)) and BenchConfig(json=str(out))
 
 
 def test_every_section_declares_the_flags_it_reads():

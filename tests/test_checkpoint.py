@@ -150,3 +150,28 @@ def test_a_saved_config_missing_a_newer_field_resumes_as_it_ran():
     assert cfg.resample_rounds == 0
     cfg = resume_config(RLConfig, {**saved, "resample_rounds": 2}, RLConfig(), set(), legacy=dict(resample_rounds=0))
     assert cfg.resample_rounds == 2
+
+
+def test_data_marks_tell_tokenizers_apart_even_where_the_probe_agrees():
+    from types import SimpleNamespace
+
+    from checkpoint import PROBE, check_data, data_marks
+    from config import UserError
+    from data.tokenizer import bpe_tokenizer, byte_tokenizer, train_bpe
+    meta = dict(vocab_size=300)
+    a = bpe_tokenizer(train_bpe("zzzz qqqq " * 50, 258))  # two merges of letters the probe never shows ...
+    b = bpe_tokenizer(train_bpe("kkkk jjjj " * 50, 258))
+    assert a.encode(PROBE) == b.encode(PROBE) and a.n_vocab == b.n_vocab  # ... so its ids agree
+    data_a, data_b = (SimpleNamespace(tok=t, meta=meta, dir=d) for t, d in ((a, "da"), (b, "db")))
+    ck = dict(data_marks=data_marks(data_a))
+    check_data(ck, data_a, "a.pt", resume=True)  # its own data
+    with pytest.raises(UserError, match="was trained on text in other tokens than db's"):
+        check_data(ck, data_b, "a.pt")
+    with pytest.raises(UserError, match="has changed since a.pt was saved"):
+        check_data(ck, SimpleNamespace(tok=a, meta=dict(vocab_size=301), dir="da"), "a.pt", resume=True)
+    old = dict(data_marks={k: v for k, v in ck["data_marks"].items() if k not in ("text", "vocab")})
+    check_data(old, data_b, "old.pt")  # marks of an earlier version: the probe alone decides
+    check_data(dict(), data_b, "older.pt")  # no marks at all: not checked
+    with pytest.raises(UserError, match="old.pt is corrupt: its data_marks entry"):
+        check_data(dict(data_marks=dict(probe=3)), data_a, "old.pt")
+    assert data_marks(SimpleNamespace(tok=byte_tokenizer(), meta=meta))["vocab"] != ck["data_marks"]["vocab"]

@@ -376,6 +376,21 @@ def test_train_qat_then_converted_checkpoint_evaluates_the_same(float_run):
     assert final(d / "again", again) == final(d / "qat", "eval_converted.json")
 
 
+def test_qat_goes_on_from_its_own_checkpoint_and_eval_only_reads_qat(float_run):
+    d = float_run
+    common = ["--dataset", str(d / "corpus"), "--threads", "1"]
+    first = run_cli(TINY + common + ["--init_from", str(d / "float" / "ckpt.pt"), "--qat", "w4g32",
+                                     "--max_iters", "2", "--out_dir", str(d / "qat1")])
+    assert first.returncode == 0, first.stderr
+    more = run_cli(TINY + common + ["--init_from", str(d / "qat1" / "ckpt.pt"), "--qat", "w4g32",
+                                    "--max_iters", "2", "--out_dir", str(d / "qat2")])  # more QAT, same spec
+    assert more.returncode == 0, more.stderr
+    assert os.path.exists(d / "qat2" / "converted.pt")
+    ev = run_cli(EVAL + common + ["--eval_only", "--init_from", str(d / "float" / "ckpt.pt"), "--qat", "w4g32",
+                                 "--out_dir", str(d / "ev_qat")])  # the float model under fake-quant
+    assert ev.returncode == 0, ev.stderr
+
+
 def test_train_ptq_gptq_saves_a_converted_checkpoint(float_run):
     d = float_run
     common = EVAL + ["--dataset", str(d / "corpus"), "--init_from", str(d / "float" / "ckpt.pt")]
