@@ -164,7 +164,7 @@ def sweep_runs(cfg):
     """The (objective, strength) pairs --sweep names: numbers are strengths of --length_reward, run after the
     no-length baseline (--sweep 0.25,0.5); names run as given, each at --alpha or at NAME:STRENGTH
     (--sweep none,kimi:0.5,laser:0.5)."""
-    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]  # (RLConfig has checked them)
+    items = sweep_items(cfg)
     runs = []
     for x in items:
         name, _, a = x.partition(":")
@@ -173,6 +173,11 @@ def sweep_runs(cfg):
     if items and all(_is_number(x) for x in items):
         runs.insert(0, ("none", 0.0))
     return runs
+
+
+def sweep_items(cfg):
+    """--sweep's entries, as written (RLConfig has checked them)."""
+    return [x.strip() for x in cfg.sweep.split(",") if x.strip()]
 
 
 def _is_number(text):
@@ -242,7 +247,7 @@ def _evaluation_reads(cfg, name):
 
 
 def _set_per_run(cfg, explicit):
-    items = [x.strip() for x in cfg.sweep.split(",") if x.strip()]
+    items = sweep_items(cfg)
     if items and "length_reward" in explicit and not any(_is_number(x) for x in items):
         yield f"--length_reward: every run of --sweep {cfg.sweep} names its objective; drop --length_reward"
     if parse_list(cfg.sweep_seeds) and "seed" in explicit:
@@ -255,8 +260,7 @@ def _objectives_taking(cfg, name):
     if not cfg.sweep:
         return {cfg.length_reward}
     if name == "alpha":
-        items = {x.strip() for x in cfg.sweep.split(",") if x.strip()}
-        return {x for x in items if not _is_number(x) and ":" not in x and x != "none"}
+        return {x for x in sweep_items(cfg) if not _is_number(x) and ":" not in x and x != "none"}
     return {objective for objective, _ in sweep_runs(cfg)}
 
 

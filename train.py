@@ -57,7 +57,8 @@ IDLE_FLAGS = (
     (TRAINING_ONLY, lambda c: c.ptq, "--ptq quantizes and evaluates, without training"),
     (LORA_SETTINGS, lambda c: not c.lora_rank, "new LoRA adapters need --lora_rank R"),
     (("ptq_batches",), lambda c: c.ptq != "gptq", "only --ptq gptq calibrates"),
-    (("grad_ckpt_every",), lambda c: not (c.grad_ckpt or c.memory_budget), "blocks are checkpointed only with --grad_ckpt (or a --memory_budget plan)"),
+    (("grad_ckpt_every",), lambda c: not (c.grad_ckpt or c.memory_budget),
+     "blocks are checkpointed only with --grad_ckpt (or a --memory_budget plan)"),
 )
 
 
